@@ -1,0 +1,149 @@
+"""Rewards for reinforcement learning and for ranking sampled answers, all in one place.
+
+A reward function takes the prompts, the completions and the other fields of the prompt rows, one list per field
+(TRL's convention), and returns one float per completion:
+
+    def my_reward(prompts: list[str], completions: list[str], **rows) -> list[float]: ...
+
+--reward_funcs names built-ins or any importable `module:function`; --reward_weights weighs them. Built-ins:
+
+    exact_answer     1.0 when the task's checker accepts the answer, else 0.0 (eval/tasks: rows carry "task",
+                     "answer", "id", "meta", as the embedded rlaif.jsonl does)
+    format           1.0 for "<think>...</think> <answer>...</answer>" and nothing else, 0.5 for a closed
+                     <answer>...</answer> without the think part, 0.0 otherwise
+    tiered           partial credit by tiers: perfect 1.0 (right), near 0.6 (the task's closeness >= 0.9), partial
+                     0.3 (an answer of the right form, farther off), attempted 0.1 (an <answer> tag whose content
+                     is not of the task's form, or a <think> part without an answer), wrong 0.0 (nothing usable)
+    length_penalty   -(characters beyond 400) / 400, at most -1: discourages rambling (0 for short answers)
+
+    reward = CombinedReward(["exact_answer", "format"], [1.0, 0.1])
+    total, per_function = reward(prompts, completions, rows)   # total[i] = sum_f w_f * f(...)[i]
+"""
+
+import importlib
+import math
+import re
+
+from eval.tasks import extract_answer, get_task, problem_from_row
+
+FORMAT_FULL = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
+TIERS = {"perfect": 1.0, "near": 0.6, "partial": 0.3, "attempted": 0.1, "wrong": 0.0}
+NEAR = 0.9                  # closeness at or above which a wrong answer is "near"
+LENGTH_FREE_CHARS = 400     # answers up to this many characters carry no length penalty
+
+
+class RewardError(ValueError):
+    """A reward that cannot be built or that returned something unusable; the message names it."""
+
+
+def row_problem(rows: dict, i: int):
+    """The task and Problem of row i of the column lists (needs task, answer, id, meta and the prompt)."""
+    missing = [k for k in ("task", "answer") if k not in rows]
+    if missing:
+        raise RewardError(f"this reward needs prompt rows with fields {missing} (as the embedded rlaif.jsonl has)")
+    row = {"task": rows["task"][i], "answer": rows["answer"][i], "id": (rows.get("id") or [""] * (i + 1))[i],
+           "meta": (rows.get("meta") or [{}] * (i + 1))[i], "question": rows["question"][i]}
+    return get_task(row["task"]), problem_from_row(row)
+
+
+def with_questions(prompts: list[str], rows: dict) -> dict:
+    """Rows with a "question" column (the prompt's last user message) for problem_from_row."""
+    return {**rows, "question": rows.get("question", prompts)}
+
+
+def exact_answer(prompts: list[str], completions: list[str], **rows) -> list[float]:
+    rows = with_questions(prompts, rows)
+    scores = []
+    for i, completion in enumerate(completions):
+        task, problem = row_problem(rows, i)
+        scores.append(task.score(problem, completion))
+    return scores
+
+
+def format_reward(prompts: list[str], completions: list[str], **rows) -> list[float]:
+    return [1.0 if FORMAT_FULL.fullmatch(c) else 0.5 if extract_answer(c) is not None else 0.0 for c in completions]
+
+
+def tier_of(task, problem, completion: str) -> str:
+    answer = extract_answer(completion)
+    if answer is None:
+        return "attempted" if "<think>" in completion and "</think>" in completion else "wrong"
+    if task.score(problem, completion) == 1.0:
+        return "perfect"
+    closeness = task.closeness(problem, answer)
+    if closeness is None:
+        return "attempted"
+    return "near" if closeness >= NEAR else "partial"
+
+
+def tiered(prompts: list[str], completions: list[str], **rows) -> list[float]:
+    rows = with_questions(prompts, rows)
+    return [TIERS[tier_of(*row_problem(rows, i), completion)] for i, completion in enumerate(completions)]
+
+
+def length_penalty(prompts: list[str], completions: list[str], **rows) -> list[float]:
+    return [-min(1.0, max(0, len(c) - LENGTH_FREE_CHARS) / LENGTH_FREE_CHARS) for c in completions]
+
+
+BUILT_INS = {"exact_answer": exact_answer, "format": format_reward, "tiered": tiered,
+             "length_penalty": length_penalty}
+
+
+def load_reward(spec: str):
+    """A built-in name or 'module:function'; RewardError naming the spec when it cannot be loaded."""
+    spec = spec.strip()
+    if spec in BUILT_INS:
+        return BUILT_INS[spec]
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise RewardError(f"reward {spec!r}: not a built-in ({', '.join(BUILT_INS)}) nor module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward {spec!r}: cannot import {module_name} ({e})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise RewardError(f"reward {spec!r}: {module_name} has no function {function_name}")
+    return function
+
+
+class CombinedReward:
+    """sum_f w_f * f(prompts, completions, **rows), with each function's own scores kept for logging."""
+
+    def __init__(self, specs: list[str], weights: list[float] | None = None):
+        if not specs:
+            raise RewardError("no reward function given")
+        weights = [1.0] * len(specs) if weights is None else list(weights)
+        if len(weights) != len(specs):
+            raise RewardError(f"{len(specs)} reward functions but {len(weights)} weights")
+        if not all(math.isfinite(w) for w in weights):
+            raise RewardError(f"reward weights must be finite numbers, got {weights}")
+        self.names = [s.strip() for s in specs]
+        self.functions = [load_reward(s) for s in specs]
+        self.weights = weights
+
+    def __call__(self, prompts: list[str], completions: list[str], rows: dict) -> tuple[list[float], dict]:
+        total = [0.0] * len(completions)
+        per_function = {}
+        for name, function, weight in zip(self.names, self.functions, self.weights):
+            scores = function(prompts, completions, **rows)
+            if not isinstance(scores, (list, tuple)) or len(scores) != len(completions):
+                raise RewardError(f"reward {name!r} returned {type(scores).__name__} of length "
+                                  f"{len(scores) if hasattr(scores, '__len__') else '?'}, expected a list of "
+                                  f"{len(completions)} floats")
+            scores = [float(s) for s in scores]
+            if not all(math.isfinite(s) for s in scores):
+                raise RewardError(f"reward {name!r} returned a value that is not finite")
+            per_function[name] = scores
+            total = [t + weight * s for t, s in zip(total, scores)]
+        return total, per_function
+
+
+def parse_reward_flags(funcs: str, weights: str) -> CombinedReward:
+    """--reward_funcs "exact_answer,format" --reward_weights "1,0.1" -> CombinedReward."""
+    specs = [s for s in funcs.split(",") if s.strip()]
+    try:
+        values = [float(w) for w in weights.split(",")] if weights.strip() else None
+    except ValueError:
+        raise RewardError(f"--reward_weights {weights!r}: expected comma-separated numbers") from None
+    return CombinedReward(specs, values)

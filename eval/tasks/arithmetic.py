@@ -1,0 +1,132 @@
+"""Integer arithmetic in four difficulty levels.
+
+    level 1   one-digit + and -            What is 7 - 3?           <think>7-3=4</think>\\n<answer>4</answer>
+    level 2   two-digit + and -            What is 52 + 39?         <think>52+39=91</think>\\n<answer>91</answer>
+    level 3   two-digit * one-digit        What is 23 * 7?          <think>23*7=161</think>\\n<answer>161</answer>
+    level 4   three or four one-digit operands with + - * and parentheses
+                                           What is (3 + 4) * 5?     <think>(3+4)*5=7*5=35</think>\\n<answer>35</answer>
+    level 0   (the default) each problem draws its level uniformly from 1-4
+
+Subtraction in levels 1 and 2 never goes below zero (the larger operand comes first); level 4 can be negative.
+The think part reduces the expression one operation at a time (innermost parentheses first, then left to right),
+written without spaces to stay short: with the shipped tokenizer (one token per digit and per tag) a response is
+~18 tokens on average and under 40 at level 4.
+Level 1 has only 155 distinct problems, of which 1 in 10 is held out (eval/tasks/base.py): a level-1 evaluation
+repeats those ~15 problems, all of them unseen in training.
+The answer is an integer, compared as an integer ("042" and "+42" equal 42; "42.0" and "42 apples" score 0).
+"""
+
+import random
+
+from eval.tasks.base import Problem, Task, format_response, parse_integer
+
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+# An expression is an int (a leaf) or a tuple (op, left, right). "/" is exact division: only the countdown task uses
+# it, and only where the division leaves no remainder.
+
+
+def evaluate(expr) -> int:
+    if isinstance(expr, int):
+        return expr
+    op, left, right = expr
+    a, b = evaluate(left), evaluate(right)
+    if op == "/":
+        if b == 0 or a % b:
+            raise ValueError(f"inexact division {a}/{b}")
+        return a // b
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def render(expr, spaced: bool, top: bool = True) -> str:
+    """Text of an expression; parentheses where precedence needs them and around a right operand of equal
+    precedence, so the text reads in the order the think steps reduce it."""
+    if isinstance(expr, int):
+        return str(expr) if expr >= 0 or top else f"({expr})"
+    op, left, right = expr
+    left_text, right_text = render(left, spaced, False), render(right, spaced, False)
+    if not isinstance(left, int) and PRECEDENCE[left[0]] < PRECEDENCE[op]:
+        left_text = f"({left_text})"
+    if not isinstance(right, int) and PRECEDENCE[right[0]] <= PRECEDENCE[op]:
+        right_text = f"({right_text})"
+    return f"{left_text} {op} {right_text}" if spaced else f"{left_text}{op}{right_text}"
+
+
+def reduce_once(expr):
+    """Replace the first operation (depth-first, left to right) whose operands are both numbers by its value."""
+    op, left, right = expr
+    if isinstance(left, int) and isinstance(right, int):
+        return evaluate(expr)
+    if not isinstance(left, int):
+        return (op, reduce_once(left), right)
+    return (op, left, reduce_once(right))
+
+
+def reduction_steps(expr) -> list[str]:
+    """Compact texts of the expression after each reduction: ["(3+4)*5", "7*5", "35"]."""
+    steps = [render(expr, spaced=False)]
+    while not isinstance(expr, int):
+        expr = reduce_once(expr)
+        steps.append(render(expr, spaced=False))
+    return steps
+
+
+def random_tree(rng: random.Random, leaves: int):
+    if leaves == 1:
+        return rng.randint(1, 9)
+    left = rng.randint(1, leaves - 1)
+    return (rng.choice("+-*"), random_tree(rng, left), random_tree(rng, leaves - left))
+
+
+class ArithmeticTask(Task):
+    family = "arithmetic"
+    OPTIONS = {"level": 0}      # 0 = mixed (each problem draws 1-4), else 1, 2, 3 or 4
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.options["level"] not in (0, 1, 2, 3, 4):
+            raise ValueError(f"task arithmetic: level must be 0 (mixed), 1, 2, 3 or 4, got {self.options['level']}")
+
+    def sample_expression(self, rng: random.Random, level: int):
+        if level in (1, 2):
+            low, high = (0, 9) if level == 1 else (10, 99)
+            a, b = rng.randint(low, high), rng.randint(low, high)
+            op = rng.choice("+-")
+            if op == "-" and a < b:
+                a, b = b, a
+            return (op, a, b)
+        if level == 3:
+            a, b = rng.randint(10, 99), rng.randint(2, 9)
+            return ("*", a, b) if rng.random() < 0.5 else ("*", b, a)
+        while True:   # level 4: keep the expressions that need parentheses
+            expr = random_tree(rng, rng.choice((3, 4)))
+            if "(" in render(expr, spaced=False):
+                return expr
+
+    def sample_problem(self, rng: random.Random) -> Problem:
+        level = self.options["level"] or rng.randint(1, 4)
+        expr = self.sample_expression(rng, level)
+        return Problem(task=self.name, id="", question=f"What is {render(expr, spaced=True)}?",
+                       answer=str(evaluate(expr)), meta={"level": level, "steps": reduction_steps(expr)})
+
+    def reference_response(self, problem: Problem) -> str:
+        return format_response("=".join(problem.meta["steps"]), problem.answer)
+
+    def wrong_response(self, problem: Problem, rng: random.Random) -> str:
+        wrong = int(problem.answer) + rng.choice((-10, -2, -1, 1, 2, 10))
+        return format_response("=".join(problem.meta["steps"][:-1] + [str(wrong)]), str(wrong))
+
+    def statement(self, problem: Problem) -> str:
+        return f"{problem.question[len('What is '):-1]} = {problem.answer}."
+
+    def check_answer(self, problem: Problem, answer: str) -> float:
+        value = parse_integer(answer)
+        return float(value is not None and value == int(problem.answer))
+
+    def closeness(self, problem: Problem, answer: str) -> float | None:
+        """1 - |value - answer| / max(1, |answer|), floored at 0: 41 for 42 is 0.98, 5 for 4 is 0.75."""
+        value = parse_integer(answer)
+        if value is None:
+            return None
+        right = int(problem.answer)
+        return max(0.0, 1.0 - abs(value - right) / max(1, abs(right)))

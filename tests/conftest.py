@@ -1,0 +1,46 @@
+# Shared fixtures of the test suite.
+#
+# trained_checkpoints: a tiny model pretrained and then fine-tuned on the embedded data by the real scripts, once per
+# test session (about a minute on 2 CPU cores), for the tests of the methods that start from an SFT model (DPO, RL,
+# distillation). Tests must copy what they change; the directories are shared.
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script_env() -> dict:
+    """The environment the tests run training scripts in: one thread per process, wandb off."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def run_script(script: str, *args: str, ranks: int = 1, timeout: int = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run trainer/<script> (or any repo-relative script) as a user would: python, or torchrun with `ranks`; `env`
+    adds variables to script_env()'s."""
+    path = script if "/" in script else f"trainer/{script}"
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={ranks}"]
+    return subprocess.run(launcher + [path, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**script_env(), **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """{"pretrain": DIR, "sft": DIR, "prepared": DIR}: the tiny model after a short pretraining and SFT."""
+    root = tmp_path_factory.mktemp("trained")
+    prepared = str(root / "prepared")
+    common = ["--prepared_dir", prepared, "--report_to", "none", "--log_interval", "50", "--eval_interval", "0",
+              "--eval_batches", "2", "--sample_prompts", ""]
+    r = run_script("train_pretrain.py", *common, "--out_dir", str(root / "pretrain"), "--max_steps", "300",
+                   "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "5e-3", "--warmup_steps", "20")
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_sft.py", *common, "--init_from", str(root / "pretrain" / "final"), "--out_dir",
+                   str(root / "sft"), "--max_steps", "200", "--batch_size", "16", "--max_seq_len", "128",
+                   "--learning_rate", "2e-3", "--warmup_steps", "10", "--eval_tasks", "")
+    assert r.returncode == 0, r.stderr
+    return {"pretrain": str(root / "pretrain" / "final"), "sft": str(root / "sft" / "final"), "prepared": prepared}

@@ -1,0 +1,170 @@
+# Run: python -m pytest tests/test_grpo.py
+# GRPO (trainer/train_grpo.py) and the RL pieces of the runtime: group advantages under each scaling, the clipped
+# surrogate with separate low/high bounds, the k3 KL estimator, each loss aggregation, rollout layout and
+# log-probabilities against full logits; end to end a short run on the embedded prompts, and 2 ranks whose
+# parameters stay identical after updates (and a check that catches ranks that drift apart).
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+
+from conftest import run_script
+from model.config import load_model_config
+from model.transformer import CausalLM
+from trainer.runtime import clipped_surrogate, gather_logprobs, k3_kl, pack_sequences, rollout
+from trainer.train_grpo import aggregate_loss, group_advantages
+
+
+def test_group_advantages_under_each_scaling():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0, 1.0])   # 3 groups of 4
+    mean = torch.tensor([0.5, 0.5, 1.0]).repeat_interleave(4)
+    assert torch.allclose(group_advantages(rewards, 4, "none"), rewards - mean)
+    std = torch.tensor([math.sqrt(1 / 3), 0.0, math.sqrt(2 / 3)]).repeat_interleave(4)   # Bessel-corrected
+    assert torch.allclose(group_advantages(rewards, 4, "group"), (rewards - mean) / (std + 1e-4))
+    assert torch.all(group_advantages(rewards, 4, "group")[4:8] == 0)                     # equal rewards: no signal
+    assert torch.allclose(group_advantages(rewards, 4, "batch"), (rewards - mean) / (rewards.std() + 1e-4))
+    assert torch.allclose(group_advantages(rewards, 4, "batch", batch_std=2.0), (rewards - mean) / (2.0 + 1e-4))
+
+
+def test_clipped_surrogate_and_its_clip_indicators():
+    logp = torch.log(torch.tensor([[0.5, 1.5, 0.5, 1.5, 1.1]]))
+    old = torch.zeros(1, 5)                                   # ratio = exp(logp - old) = 0.5, 1.5, 0.5, 1.5, 1.1
+    A = torch.tensor([[1.0, 1.0, -1.0, -1.0, 2.0]])
+    loss, low, high = clipped_surrogate(logp, old, A, epsilon_low=0.2, epsilon_high=0.28)
+    # -min(r A, clip(r, 0.8, 1.28) A)
+    expected = [-min(0.5, 0.8), -min(1.5, 1.28), -min(-0.5, -0.8), -min(-1.5, -1.28), -min(2.2, 2.2)]
+    assert torch.allclose(loss, torch.tensor([expected]), atol=1e-6)
+    assert low.tolist() == [[False, False, True, False, False]]     # ratio < 0.8 with A < 0
+    assert high.tolist() == [[False, True, False, False, False]]    # ratio > 1.28 with A > 0
+    # gradient through the unclipped branch only: d/dlogp of -(r A) = -r A
+    logp = logp.clone().requires_grad_(True)
+    clipped_surrogate(logp, old, A, 0.2, 0.28)[0].sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.5, 0.0, 0.0, 1.5, -2.2]]), atol=1e-6)
+
+
+def test_k3_kl_is_the_schulman_estimator_and_its_mean_approaches_kl():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert torch.allclose(k3_kl(logp, ref), torch.exp(ref - logp) - (ref - logp) - 1)
+    assert k3_kl(torch.tensor([-0.7]), torch.tensor([-0.7])).item() == 0.0
+    # over samples of p, mean k3 = KL(p || q)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    draws = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    estimate = k3_kl(p.log()[draws], q.log()[draws]).mean().item()
+    assert estimate == pytest.approx((p * (p / q).log()).sum().item(), abs=0.01)
+
+
+def test_each_loss_aggregation():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert aggregate_loss(per_token, mask, "grpo", 4).item() == pytest.approx((2.0 + 4.0) / 2)
+    assert aggregate_loss(per_token, mask, "bnpo", 4).item() == pytest.approx(10 / 4)
+    assert aggregate_loss(per_token, mask, "dr_grpo", 8).item() == pytest.approx(10 / (2 * 8))
+    assert aggregate_loss(per_token, mask, "dapo", 4, tokens_in_step=20).item() == pytest.approx(10 / 20)
+    empty = torch.zeros(2, 4)
+    assert aggregate_loss(per_token, empty, "grpo", 4).item() == 0.0    # all masked: no NaN
+
+
+def test_rollout_layout_and_logprobs_equal_full_logits():
+    torch.manual_seed(0)
+    model = CausalLM(load_model_config("tiny")).eval()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    out = rollout(model, prompts, max_new_tokens=5, temperature=1.0, eos_token_id=2, pad_token_id=0,
+                  generator=torch.Generator().manual_seed(1))
+    P = out.prompt_length
+    assert P == 4 and out.input_ids[1, :2].tolist() == [0, 0] and out.attention_mask[1, :2].tolist() == [0, 0]
+    for b, completion in enumerate(out.completions):
+        assert out.input_ids[b, P:P + len(completion)].tolist() == completion
+        assert out.completion_mask[b].tolist() == [0.0] * (P - 1) + [1.0] * len(completion) + \
+            [0.0] * (out.completion_mask.shape[1] - P + 1 - len(completion))
+    logp = gather_logprobs(model, out.input_ids, out.attention_mask, temperature=0.7)
+    logits = model(out.input_ids, attention_mask=out.attention_mask).logits[:, :-1].float() / 0.7
+    expected = logits.log_softmax(-1).gather(-1, out.input_ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(logp, expected, atol=1e-5)
+    # pack_sequences gives the same layout for the same prompts and completions
+    ids, attention, mask, P2 = pack_sequences(prompts, out.completions, 0, torch.device("cpu"))
+    assert P2 == P and torch.equal(ids, out.input_ids) and torch.equal(mask, out.completion_mask)
+
+
+def grpo_args(checkpoints, out, *extra):
+    return ["--init_from", checkpoints["sft"], "--prepared_dir", checkpoints["prepared"], "--out_dir", str(out),
+            "--batch_size", "4", "--num_generations", "4", "--max_new_tokens", "24", "--max_steps", "3",
+            "--log_interval", "1", "--eval_interval", "0", "--eval_tasks", "", "--save_interval", "3",
+            "--report_to", "none", "--learning_rate", "1e-3", *extra]
+
+
+def records(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_grpo_runs_and_logs_trl_metrics(trained_checkpoints, tmp_path):
+    r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, tmp_path / "grpo", "--beta", "0.05",
+                                               "--loss_type", "grpo"))
+    assert r.returncode == 0, r.stderr
+    train = [x for x in records(tmp_path / "grpo") if x["kind"] == "train"]
+    assert [x["step"] for x in train] == [1, 2, 3]
+    assert {"reward", "reward_std", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+            "completions/mean_length", "completions/clipped_ratio", "frac_reward_zero_std",
+            "rollout_tokens_per_sec", "rewards/exact_answer/mean", "rewards/format/std"} <= set(train[0])
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-6)      # the first update starts at the reference
+    assert train[-1]["kl"] > 0                                   # then the policy moves away from it
+    assert 0 < train[0]["completions/mean_length"] <= 24
+
+
+def test_two_ranks_keep_identical_parameters(trained_checkpoints, tmp_path):
+    r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, tmp_path / "ddp", "--max_steps", "2",
+                                               "--save_interval", "1", "--filter_zero_std_groups",
+                                               "--num_iterations", "2", "--beta", "0.05"), ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("replicas: parameters identical on 2 ranks") == 2   # after steps 1 and 2
+
+
+DRIFT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from model.config import load_model_config
+    from model.transformer import CausalLM
+    from trainer.runtime import check_replicas, setup_distributed
+    info = setup_distributed("cpu")
+    torch.manual_seed(0)
+    model = CausalLM(load_model_config("tiny"))
+    check_replicas(model, info)                       # identical: passes
+    if info.rank == 1:
+        with torch.no_grad():
+            model.lm_head.weight[0, 0] += 1e-3        # what an update outside DDP does
+    try:
+        check_replicas(model, info)
+        result = "not caught"
+    except RuntimeError as e:
+        result = f"caught: {e}"
+    with open(f"{sys.argv[1]}/rank{info.rank}.txt", "w") as f:
+        f.write(result)
+    dist.destroy_process_group()
+""")
+
+
+def test_check_replicas_catches_ranks_that_drift_apart(tmp_path):
+    script = tmp_path / "drift.py"
+    script.write_text(DRIFT)
+    r = run_script(str(script), str(tmp_path), ranks=2, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1):     # every rank stops, not only the one that sees the difference
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(
+            "caught: parameters differ between rank 0 and ranks [1]")
+
+
+def test_grpo_takes_its_reward_from_a_reward_model(trained_checkpoints, tmp_path):
+    from model.checkpoint import load_model
+    from model.heads import RewardModel, save_reward_model
+    policy, tokenizer = load_model(trained_checkpoints["sft"])
+    torch.manual_seed(0)
+    save_reward_model(RewardModel.from_trunk(policy), tokenizer, str(tmp_path / "rm"))     # a random score head
+    r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, tmp_path / "grpo", "--max_steps", "1",
+                                               "--reward_funcs", "", "--reward_model", str(tmp_path / "rm"),
+                                               "--reward_model_weight", "2"))
+    assert r.returncode == 0, r.stderr
+    train = [x for x in records(tmp_path / "grpo") if x["kind"] == "train"][0]
+    assert train["reward"] == pytest.approx(2 * train["rewards/reward_model/mean"], rel=1e-4)
+    assert train["rewards/reward_model/std"] > 0 and "rewards/exact_answer/mean" not in train
+    r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, tmp_path / "none", "--reward_funcs", ""))
+    assert r.returncode == 2 and "nothing scores the completions" in r.stderr

@@ -1,0 +1,68 @@
+# Run: python -m pytest tests/test_pipeline.py
+# trainer/pipeline.py end to end on a shortened config (pretraining and SFT, a few steps each, then evaluation and
+# the comparison), the skipping of finished stages, and its one-line errors.
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import script_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+SHORT = """
+out_dir: unused
+stages:
+  - name: tokenizer
+    script: trainer/train_tokenizer.py
+    args: {}
+  - name: pretrain
+    script: trainer/train_pretrain.py
+    args: {max_steps: 6, batch_size: 4, max_seq_len: 64, eval_interval: 0, eval_batches: 1, sample_prompts: "",
+           prepared_dir: PREPARED}
+  - name: sft
+    script: trainer/train_sft.py
+    init_from: pretrain
+    args: {max_steps: 6, batch_size: 4, max_seq_len: 96, eval_interval: 0, eval_batches: 1, eval_tasks: "",
+           sample_prompts: "", prepared_dir: PREPARED}
+evaluation: {tasks: "arithmetic", num_samples: 8, max_new_tokens: 12}
+"""
+
+
+def pipeline(*args):
+    return subprocess.run([sys.executable, "trainer/pipeline.py", *args], cwd=REPO, capture_output=True, text=True,
+                          env=script_env(), timeout=600)
+
+
+def test_short_pipeline_trains_evaluates_and_compares_every_stage(tmp_path):
+    config = tmp_path / "short.yaml"
+    config.write_text(textwrap.dedent(SHORT).replace("PREPARED", str(tmp_path / "prepared")))
+    out = tmp_path / "out"
+    r = pipeline("--config", str(config), "--out_dir", str(out))
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "[1/2] pretrain: python trainer/train_pretrain.py --max_steps 6" in r.stdout   # the user's command
+    assert "[2/2] sft: done in" in r.stdout and "tokenizer" not in r.stdout
+    for stage in ("pretrain", "sft"):
+        assert (out / stage / "final" / "model.safetensors").exists() and (out / stage / "log.txt").exists()
+        result = json.loads((out / "eval" / f"{stage}.json").read_text())
+        assert result["tasks"]["arithmetic"]["num_samples"] == 8
+    sft_json = json.loads((out / "eval" / "sft.json").read_text())
+    assert sft_json["model"].endswith("sft/final")
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| pretrain | ") and table[3].startswith("| sft | ")
+    assert "Pareto frontier" in r.stdout and (out / "eval" / "compare.json").exists()
+
+    again = pipeline("--config", str(config), "--out_dir", str(out), "--stages", "sft")
+    assert again.returncode == 0, again.stderr
+    assert "sft: skipped" in again.stdout and "pretrain" not in again.stdout.split("\n")[1]
+
+
+def test_pipeline_errors_are_one_line(tmp_path):
+    r = pipeline("--stages", "pretrain,rlhf", "--out_dir", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.startswith("error: --stages: unknown stage(s) ['rlhf']")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - name: sft\n    script: trainer/train_sft.py\n    init_from: pretrain\n")
+    r = pipeline("--config", str(bad))
+    assert r.returncode == 2 and "init_from 'pretrain' is not an earlier stage" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

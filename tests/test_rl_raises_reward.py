@@ -1,0 +1,48 @@
+# Run: python -m pytest tests/test_rl_raises_reward.py
+# GRPO, SPO and PPO really optimise their reward: from the tiny SFT model, a dozen steps on a reward the model can
+# move quickly (the fraction of digits in the completion, a user reward passed as module:function) must raise the
+# mean reward well above where it started. Measured on 2 CPU cores: GRPO 0.19 -> 0.68, SPO 0.19 -> 0.52, PPO
+# 0.19 -> 0.47 over the first and last steps. (Accuracy on the held-out arithmetic, the slower signal, is measured by
+# the README's runs of the real defaults.)
+import json
+
+import pytest
+
+from conftest import run_script
+
+TOY_REWARD = '''
+def digit_fraction(prompts, completions, **rows):
+    """The share of a completion's characters that are digits: rises as soon as the policy writes more numbers."""
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+'''
+
+COMMON = ["--batch_size", "8", "--max_new_tokens", "16", "--log_interval", "1", "--eval_interval", "0",
+          "--eval_tasks", "", "--report_to", "none", "--reward_funcs", "toy_reward:digit_fraction",
+          "--reward_weights", "1"]
+METHODS = {
+    "grpo": ["--max_steps", "12", "--num_generations", "4", "--learning_rate", "1e-3"],
+    "spo": ["--max_steps", "12", "--learning_rate", "1e-3"],
+    # PPO: one completion per prompt, so a larger batch; no EOS penalty (the toy reward alone), the critic learns
+    # from the first step, no early stop on approx KL
+    "ppo": ["--max_steps", "16", "--batch_size", "16", "--learning_rate", "3e-4", "--critic_learning_rate", "1e-3",
+            "--missing_eos_penalty", "0", "--critic_warmup_steps", "0", "--kl_coef", "0.01",
+            "--target_approx_kl", "0"],
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_short_run_raises_the_reward(method, trained_checkpoints, tmp_path):
+    (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
+    out = tmp_path / method
+    r = run_script(f"train_{method}.py", "--init_from", trained_checkpoints["sft"], "--prepared_dir",
+                   trained_checkpoints["prepared"], "--out_dir", str(out), *COMMON, *METHODS[method],
+                   "--save_interval", METHODS[method][1], env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    train = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    # the toy reward's own mean (SPO logs the total "reward", which here is the same number)
+    key = "reward" if method == "spo" else "rewards/toy_reward:digit_fraction/mean"
+    rewards = [x[key] for x in train if x["kind"] == "train"]
+    assert len(rewards) == int(METHODS[method][1])
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert 0.1 < first < 0.3                                # the SFT model's own share of digits
+    assert last > first + 0.15, rewards

@@ -1,0 +1,641 @@
+"""PPO with a critic: RLHF as in Ziegler et al. 2019 / InstructGPT, a value function, GAE and a KL penalty per token.
+
+The policy samples one completion per prompt. Its score comes from reward functions (--reward_funcs, verifiable
+answers) and/or a reward model (--reward_model DIR, trainer/train_reward.py) read at the last token. The KL to the
+reference (the starting model) is paid token by token inside the reward, a critic estimates the value of every
+prefix, and GAE turns rewards and values into advantages for PPO's clipped objective (Schulman et al. 2017, arXiv
+1707.06347; the RLHF recipe of Ziegler et al. 2019, arXiv 1909.08593, and Ouyang et al. 2022, arXiv 2203.02155;
+metric names follow TRL's PPOTrainer).
+
+Commands, from the repository root after `pip install -e .` (and an SFT run in out/sft; a reward model in
+out/reward for the second and third):
+
+    # the tiny SFT model on the embedded RL prompts, rewards from the answer checker, on CPU
+    python trainer/train_ppo.py --init_from out/sft/final
+
+    # one GPU: a reward model as the score, the critic initialised from it, an adaptive KL coefficient
+    python trainer/train_ppo.py --init_from out/sft-small/final --device cuda --reward_model out/reward/final \\
+        --reward_funcs "" --critic_from out/reward/final --target_kl 6 --batch_size 64 --out_dir out/ppo-small
+
+    # 8 GPUs: every rank rolls out its own prompts; policy and critic gradients are all-reduced through DDP
+    torchrun --standalone --nproc_per_node 8 trainer/train_ppo.py --init_from out/sft-base/final \\
+        --reward_model out/reward-base/final --out_dir out/ppo-base
+
+    # LoRA (policy and critic get adapters; the reference is the policy with its adapters off), shared trunk
+    python trainer/train_ppo.py --init_from out/sft/final --lora_rank 16 --learning_rate 1e-4 --shared_critic
+
+Defaults come from config/train/ppo.yaml. One step:
+
+  rollout   batch_size * accumulation_steps prompts per rank (phase rlaif), one completion each (KV cache, fused
+            sampler). No gradient: log-probs of the policy (old) and the reference, the critic's values V_t, the
+            score s = sum_f w_f f(completion) + --reward_model_weight * RM(prompt + completion)
+                        - --missing_eos_penalty (when the completion stopped at --max_new_tokens, not at EOS).
+  rewards   per completion token t (per_token_rewards):
+                r_t = -kl_coef * (log pi_old(y_t) - log pi_ref(y_t))    (+ s at the last completion token)
+            kl_coef is --kl_coef, or adapted toward --target_kl after every step (adaptive_kl_update).
+  GAE       delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},  R_t = A_t + V_t, over the
+            completion tokens only (V and A are 0 past the last token; Schulman et al. 2016, arXiv 1506.02438). The
+            advantages are whitened over the whole batch, all ranks (whiten).
+  update    --ppo_epochs passes over the batch, each in --num_mini_batches shuffled minibatches, one optimizer step
+            per minibatch (micro-batches of at most --batch_size rows accumulate into it):
+                policy  -min(ratio A, clip(ratio, 1 - cliprange, 1 + cliprange) A) - entropy_coef * H(pi)
+                critic  vf_coef * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) / 2,  c = --cliprange_value
+            each a token mean over the minibatch. After each epoch the approximate KL between the policy and the
+            rollout policy, mean over the tokens of the epoch and over ranks, of (ratio - 1) - log ratio (Schulman's
+            k3 estimator of KL(pi_old || pi): >= 0, unbiased, low variance), stops the remaining epochs when above
+            --target_approx_kl. For the first --critic_warmup_steps steps only the critic learns.
+  critic    default: a separate model, a copy of the policy's trunk (or of the reward model's with --critic_from)
+            with a ValueHead (two-layer MLP, model/heads.py), its own DDP wrapper, AdamW optimizer (learning rate
+            --critic_learning_rate) and GradScaler. --shared_critic: the ValueHead reads the policy's own hidden
+            states; the value loss then also trains the trunk, and the head's parameters are one more group of the
+            policy's optimizer (one optimizer, one learning rate: that of the policy).
+  save      OUT_DIR/step_XXXXXX/ is the policy (Hugging Face layout, or PEFT adapters under LoRA) with the resume
+            state; the critic travels inside the resume state: its trainable weights as method tensors
+            "critic.<name>" (or "value_head.<name>" when shared), its optimizer as "critic_optimizer.<index>.<name>"
+            with its param groups, GradScaler and kl_coef in the method state. --resume restores them all.
+"""
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from dataset.mixer import format_summary
+from dataset.prompts import PromptDataset
+from eval.rewards import RewardError, parse_reward_flags
+from kernels import fused_linear_logprobs
+from model.config import ConfigError
+from model.heads import ValueHead, ValueModel, last_token_index, load_reward_model
+from trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
+                             autocast_context, build_model, build_optimizer, check_out_dir, check_replicas,
+                             check_same_tokenizer, cleanup_distributed, clipped_surrogate, cosine_lr,
+                             evaluate_tasks_hook, fail, flops_per_token, frozen_reference, gather_logprobs,
+                             is_distributed, load_frozen_reward_model, load_resume_state, make_grad_scaler,
+                             masked_mean, mean_over_ranks, optimizer_state_dict, optimizer_state_tensors,
+                             optimizer_step, pack_sequences, param_groups, parse_config, prepare_phase_data, print0,
+                             reference_logprobs, resolve_dtype, restore_training_state, rollout,
+                             save_training_checkpoint, seed_everything, setup_distributed, sync_gradients, unwrap,
+                             wrap_model)
+
+DEFAULTS_YAML = f"{CONFIG_DIR}/ppo.yaml"
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO with a value model (batch_size = prompts per micro-batch, one completion each)."""
+
+    # ---- rollouts ----
+    max_prompt_length: int = field(default=192, metadata={"help": "longer prompts are dropped (and counted)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens only; 0 = all"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1 = off"})
+    generation_batch_size: int = field(default=64, metadata={"help": "sequences generated together"})
+    # ---- score ----
+    reward_funcs: str = field(default="exact_answer,format", metadata={
+        "help": "comma-separated built-ins (exact_answer, format, tiered, length_penalty) or module:function; "
+                "empty = none (then --reward_model is the score)"})
+    reward_weights: str = field(default="", metadata={"help": "comma-separated weights; empty = 1 each"})
+    reward_model: str = field(default="", metadata={"help": "reward model directory (trainer/train_reward.py, or a "
+                                                            "Hugging Face *ForSequenceClassification one) scored at "
+                                                            "the last token; empty = none"})
+    reward_model_weight: float = field(default=1.0, metadata={"help": "weight of the reward model's score"})
+    missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the score of completions "
+                                                                      "that end without EOS; 0 = off"})
+    # ---- KL penalty ----
+    kl_coef: float = field(default=0.05, metadata={"help": "coefficient of the per-token KL penalty (initial value "
+                                                           "when --target_kl is set)"})
+    target_kl: float | None = field(default=None, metadata={"help": "adapt kl_coef toward this KL per completion "
+                                                                    "(summed over its tokens); None = fixed"})
+    kl_horizon: int = field(default=10000, metadata={"help": "horizon of the adaptive KL controller (samples)"})
+    # ---- advantages ----
+    gamma: float = field(default=1.0, metadata={"help": "discount factor of GAE"})
+    lam: float = field(default=0.95, metadata={"help": "lambda of GAE (bias-variance trade-off)"})
+    whiten_keep_mean: bool = field(default=False, metadata={"help": "whiten advantages to unit variance but keep "
+                                                                    "their mean (default: zero mean)"})
+    # ---- PPO ----
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    num_mini_batches: int = field(default=1, metadata={"help": "minibatches (optimizer steps) per pass; must divide "
+                                                               "batch_size * accumulation_steps"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip: [1 - cliprange, 1 + cliprange]"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus"})
+    target_approx_kl: float = field(default=0.0, metadata={"help": "stop the remaining PPO epochs of a step once the "
+                                                                   "approximate KL to the rollout policy exceeds "
+                                                                   "this; 0 = never"})
+    # ---- critic ----
+    shared_critic: bool = field(default=False, metadata={"help": "value head on the policy's own hidden states "
+                                                                 "instead of a separate critic model"})
+    critic_from: str = field(default="", metadata={"help": "reward model directory whose trunk starts the critic; "
+                                                           "empty = a copy of the policy's trunk"})
+    critic_learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate of the separate "
+                                                                               "critic; None = --learning_rate (not "
+                                                                               "used with --shared_critic)"})
+    critic_warmup_steps: int = field(default=0, metadata={"help": "first steps in which only the critic learns"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.init_from:
+            raise FlagError("init_from", "is required: RL starts from a trained checkpoint "
+                                         "(e.g. --init_from out/sft/final)")
+        for name, low in (("max_prompt_length", 1), ("max_new_tokens", 1), ("generation_batch_size", 1),
+                          ("top_k", 0), ("kl_horizon", 1), ("ppo_epochs", 1), ("num_mini_batches", 1),
+                          ("critic_warmup_steps", 0)):
+            if getattr(self, name) < low:
+                raise FlagError(name, f"must be at least {low}, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise FlagError("temperature", f"must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise FlagError("top_p", f"must be in (0, 1], got {self.top_p}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise FlagError(name, f"must be in [0, 1], got {getattr(self, name)}")
+        for name in ("cliprange", "cliprange_value"):
+            if not getattr(self, name) > 0:
+                raise FlagError(name, f"must be positive, got {getattr(self, name)}")
+        for name in ("kl_coef", "vf_coef", "entropy_coef", "target_approx_kl", "missing_eos_penalty"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise FlagError(name, f"must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.reward_model_weight):
+            raise FlagError("reward_model_weight", f"must be a finite number, got {self.reward_model_weight}")
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise FlagError("target_kl", f"must be positive (or None for a fixed kl_coef), got {self.target_kl}")
+        if self.critic_learning_rate is not None and not self.critic_learning_rate > 0:
+            raise FlagError("critic_learning_rate", f"must be positive, got {self.critic_learning_rate}")
+        rows = self.batch_size * self.accumulation_steps
+        if rows % self.num_mini_batches:
+            raise FlagError("num_mini_batches", f"({self.num_mini_batches}) must divide batch_size * "
+                                                f"accumulation_steps ({rows}), the completions of a rank per step")
+        if self.shared_critic and self.critic_from:
+            raise FlagError("critic_from", "cannot be combined with --shared_critic (the shared critic is the "
+                                           "policy's own trunk)")
+        if not self.reward_funcs.strip() and not self.reward_model:
+            raise FlagError("reward_funcs", "is empty and no --reward_model is given: nothing scores the completions")
+        if self.reward_funcs.strip():
+            try:
+                parse_reward_flags(self.reward_funcs, self.reward_weights)
+            except RewardError as e:
+                raise FlagError("reward_funcs", str(e)) from None
+
+
+# =============================================================================================================
+# The math: pure functions on tensors (tests/test_ppo.py checks each against its formula)
+# =============================================================================================================
+
+def per_token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards [B, T], kl [B, T]) of completions with scores [B] and per-token log-probs [B, T] (mask: completion).
+
+        kl_t = log pi(y_t) - log pi_ref(y_t)        ("k1": its expectation under pi is KL(pi || pi_ref))
+        r_t  = -kl_coef * kl_t,  plus the score at the last completion token      (Ziegler et al. 2019, eq. 2)
+    """
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    rewards[rows, last_token_index(mask)] += scores
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, arXiv 1506.02438) over the masked tokens [B, T]:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t                      (the critic's regression target: lambda-returns)
+    computed backwards; past a row's last token V_{t+1} = A_{t+1} = 0 (the episode ends at EOS or at the length
+    limit), and A, R are 0 where mask is 0. Returns (advantages, returns), no gradient."""
+    values, rewards, mask = values.detach(), rewards.detach(), mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t] * mask[:, t]          # 0 after a row's end: nothing follows the last token
+        next_advantage = advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, across_ranks: bool = True) -> tuple[float, float]:
+    """(mean, unbiased variance) of x where mask is 1, over every rank's tokens (one all-reduce, float64)."""
+    mask = mask.to(x.dtype)
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if across_ranks and is_distributed():
+        torch.distributed.all_reduce(stats)
+    total, squares, n = stats.tolist()
+    mean = total / max(n, 1.0)
+    variance = max(squares / max(n, 1.0) - mean * mean, 0.0) * n / max(n - 1.0, 1.0)   # Bessel's correction
+    return mean, variance
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           across_ranks: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) with the mean and unbiased variance of the masked entries of every rank; with
+    shift_mean False the mean is added back (unit variance, mean kept). Entries outside the mask are 0 and do not
+    enter the statistics (TRL's masked_whiten)."""
+    mean, variance = masked_moments(x, mask, across_ranks)
+    whitened = (x - mean) / math.sqrt(variance + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss per token and where the clipped branch is the larger (val/clipfrac):
+
+        V_clip = clip(V, V_old - c, V_old + c)
+        loss   = max((V - R)^2, (V_clip - R)^2) / 2
+    The critic cannot gain by moving its value further than c from the rollout's in one batch (Schulman et al. 2017's
+    implementation, as in OpenAI baselines ppo2 and TRL)."""
+    clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.max(unclipped_loss, clipped_loss), clipped_loss > unclipped_loss
+
+
+def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(pi_old || pi) from samples of pi_old: (ratio - 1) - log ratio, ratio = pi / pi_old.
+    Non-negative, unbiased ("k3", Schulman 2020, http://joschu.net/blog/kl-approx.html); the early-stopping
+    statistic of --target_approx_kl and the policy/approxkl metric."""
+    log_ratio = logp - old_logp
+    return torch.exp(log_ratio) - 1 - log_ratio
+
+
+def adaptive_kl_update(kl_coef: float, current_kl: float, target_kl: float, n_steps: int, horizon: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (arXiv 1909.08593, section 2.2):
+
+        error   = clip(current_kl / target_kl - 1, -0.2, 0.2)     (proportional, bounded)
+        kl_coef = kl_coef * (1 + error * n_steps / horizon)
+    current_kl: the batch's KL per completion (summed over its tokens); n_steps: completions in the batch (all
+    ranks). Above target the coefficient grows, below it shrinks, by at most 20% per horizon of samples."""
+    error = min(max(current_kl / target_kl - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       across_ranks: bool = False) -> float:
+    """1 - Var[R - V] / Var[R] over the masked tokens: 1 when the critic predicts the returns exactly, 0 when it does
+    no better than a constant, negative when worse; NaN when the returns do not vary."""
+    _, var_returns = masked_moments(returns, mask, across_ranks)
+    _, var_error = masked_moments(returns - values, mask, across_ranks)
+    return float("nan") if var_returns == 0 else 1.0 - var_error / var_returns
+
+
+# =============================================================================================================
+# Policy and critic forward passes
+# =============================================================================================================
+
+def policy_forward(train_model, value_head, ids, attention, temperature: float, with_entropy: bool = True):
+    """(log-probs [B, T-1], entropy [B, T-1] or None, values [B, T-1] or None) of the policy; with a shared value
+    head (--shared_critic) its values come from the same forward pass: the head reads the policy's hidden states.
+    The forward goes through the DDP wrappers, so gradients are all-reduced."""
+    if value_head is None:
+        out = gather_logprobs(train_model, ids, attention, temperature, with_entropy=with_entropy)
+        logp, entropy = out if with_entropy else (out, None)
+        return logp.float(), None if entropy is None else entropy.float(), None
+    hidden = train_model(ids, attention_mask=attention, compute_logits=False).hidden_states[:, :-1]   # [B, T-1, H]
+    B, T1, H = hidden.shape
+    out = fused_linear_logprobs(hidden.reshape(B * T1, H), unwrap(train_model).lm_head.weight,
+                                ids[:, 1:].reshape(B * T1), temperature=temperature, return_entropy=with_entropy)
+    logp, entropy = out if with_entropy else (out, None)
+    return (logp.view(B, T1).float(), None if entropy is None else entropy.view(B, T1).float(),
+            value_head(hidden))
+
+
+def critic_values(train_critic, ids, attention) -> torch.Tensor:
+    """Values [B, T-1] of the separate critic, lined up with the log-probs: V_t is the value of the prefix ending
+    at token t, before y_{t+1} is sampled."""
+    return train_critic(ids, attention)[:, :-1]
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that learn (all of them, or the adapters and the head under LoRA), by name."""
+    return {name: p for name, p in unwrap(module).named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    params = trainable_state(module)
+    if set(params) != set(tensors):
+        raise ConfigError(f"--resume: the checkpoint's {what} ({len(tensors)} tensors) does not fit this run's "
+                          f"({len(params)}); were --shared_critic, --critic_from or --lora_rank changed?")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != tensors[name].shape:
+                raise ConfigError(f"--resume: {what} tensor {name} has shape {tuple(tensors[name].shape)}, this run "
+                                  f"needs {tuple(p.shape)}")
+            p.copy_(tensors[name])
+
+
+def build_critic(cfg: PPOConfig, model: nn.Module, tokenizer, device) -> nn.Module:
+    """The separate critic: a ValueModel on a copy of the policy's trunk, or on a reward model's (--critic_from);
+    under LoRA its trunk is frozen with adapters of its own (the copy keeps the policy's; --critic_from gets new)."""
+    if cfg.critic_from:
+        check_same_tokenizer(cfg.critic_from, tokenizer, "critic_from")
+        source, _ = load_reward_model(cfg.critic_from, device, with_tokenizer=False)
+        if source.config.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"--critic_from {cfg.critic_from}: vocab_size {source.config.vocab_size} is smaller "
+                              f"than the policy's tokenizer ({tokenizer.vocab_size} tokens)")
+        if cfg.lora_rank:
+            from model.lora import LoRAConfig, apply_lora
+            apply_lora(source, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                          targets=cfg.lora_targets, use_rslora=cfg.use_rslora))
+    else:
+        source = copy.deepcopy(unwrap(model))
+    critic = ValueModel.from_trunk(source).train()
+    return critic
+
+
+# =============================================================================================================
+# Training
+# =============================================================================================================
+
+def train(cfg: PPOConfig) -> None:
+    dist = setup_distributed(cfg.device)
+    check_out_dir(cfg)
+    reward = parse_reward_flags(cfg.reward_funcs, cfg.reward_weights) if cfg.reward_funcs.strip() else None
+
+    # ---- policy, reference, reward model, critic ----
+    seed_everything(cfg.seed)
+    model, tokenizer = build_model(cfg, dist.device)
+    reference = frozen_reference(model)
+    reward_model = None
+    if cfg.reward_model:
+        reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device)
+    H = model.config.hidden_size
+    value_head = ValueHead(H, model.config.initializer_range).to(dist.device) if cfg.shared_critic else None
+    critic = None if cfg.shared_critic else build_critic(cfg, model, tokenizer, dist.device)
+    print0(f"policy: {model.num_parameters():,} parameters, from {cfg.init_from}; reference: "
+           + ("the policy with LoRA adapters off" if reference is None else "a frozen copy")
+           + "; critic: " + ("a value head on the policy's trunk" if cfg.shared_critic else
+                             f"a separate model from {cfg.critic_from or 'the policy'} "
+                             f"({critic.num_parameters():,} parameters)")
+           + (f"; reward model: {cfg.reward_model}" if reward_model is not None else ""))
+
+    # ---- data: prompts ----
+    data = prepare_phase_data("rlaif", cfg, tokenizer, dist)
+    print0(format_summary(data.summary))
+    prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
+    print0(f"prompts: {prompts.describe()}")
+    sampler = GlobalBatchSampler(len(prompts), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
+                                 cfg.seed)
+    max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+
+    # ---- optimisation: the policy's optimizer (+ the shared value head), the critic's own ----
+    dtype = resolve_dtype(cfg.dtype, dist.device)
+    amp = autocast_context(dist.device, dtype)
+    optimizer = build_optimizer(model, cfg, dist.device)
+    if value_head is not None:
+        for group in param_groups(value_head, cfg.weight_decay):
+            optimizer.add_param_group(group)
+    scaler = make_grad_scaler(dist.device, dtype)
+    critic_optimizer = critic_scaler = None
+    if critic is not None:
+        critic_optimizer = build_optimizer(critic, cfg, dist.device)
+        critic_scaler = make_grad_scaler(dist.device, dtype)
+    critic_lr = cfg.critic_learning_rate or cfg.learning_rate
+    kl_coef = cfg.kl_coef
+    seed_everything(cfg.seed + dist.rank)          # each rank samples its own completions
+    start_step, wandb_run_id = 0, None
+    if cfg.resume:
+        resume = load_resume_state(cfg.out_dir)
+        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
+        state, tensors = resume.method_state or {}, resume.method_tensors
+        if state.get("critic") != ("shared" if cfg.shared_critic else "separate"):
+            raise ConfigError(f"--resume: the checkpoint's critic is {state.get('critic')!r}; this run's "
+                              f"--shared_critic {cfg.shared_critic} asks for another")
+        kl_coef = state["kl_coef"]
+        prefix = "value_head." if cfg.shared_critic else "critic."
+        load_trainable_state(value_head if cfg.shared_critic else critic,
+                             {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, "critic")
+        if critic is not None:
+            opt = {k[len("critic_"):]: v for k, v in tensors.items() if k.startswith("critic_optimizer.")}
+            critic_optimizer.load_state_dict(optimizer_state_dict(opt, state["critic_optimizer_param_groups"],
+                                                                  state["critic_optimizer_scalars"]))
+            critic_scaler.load_state_dict(state["critic_scaler"])
+        print0(f"critic restored ({len(trainable_state(value_head or critic)):,} tensors), kl_coef {kl_coef:.4g}")
+    train_model = wrap_model(model, cfg, dist)
+    if critic is not None:
+        train_critic = wrap_model(critic, cfg, dist)
+    else:        # the shared value head gets a DDP wrapper of its own (its gradients do not pass the policy's)
+        train_critic = (nn.parallel.DistributedDataParallel(value_head, device_ids=[dist.device.index]
+                                                            if dist.device.type == "cuda" else None)
+                        if dist.world_size > 1 else value_head)
+    shared_head = train_critic if cfg.shared_critic else None
+    seq_len = cfg.max_prompt_length + cfg.max_new_tokens
+    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, seq_len), wandb_run_id)
+    logger.log_data(data.summary)
+    rows_per_rank = cfg.batch_size * cfg.accumulation_steps
+    mini_rows = rows_per_rank // cfg.num_mini_batches
+    print0(f"training: {max_steps:,} steps of {sampler.global_batch} prompts (one completion each), {cfg.ppo_epochs} "
+           f"epoch(s) x {cfg.num_mini_batches} minibatch(es) of {mini_rows} per rank, kl_coef {kl_coef:g}"
+           + (f" adapting toward {cfg.target_kl:g}" if cfg.target_kl else " fixed")
+           + f", {dist.world_size} rank(s), {str(dtype).replace('torch.', '')} on {dist.device}")
+
+    def method_checkpoint() -> tuple[dict, dict]:
+        state = {"kl_coef": kl_coef, "critic": "shared" if cfg.shared_critic else "separate"}
+        tensors = {("value_head." if cfg.shared_critic else "critic.") + name: p
+                   for name, p in trainable_state(train_critic).items()}
+        if critic_optimizer is not None:
+            opt_tensors, groups, scalars = optimizer_state_tensors(critic_optimizer)
+            tensors.update({f"critic_{k}": v for k, v in opt_tensors.items()})
+            state.update(critic_optimizer_param_groups=groups, critic_optimizer_scalars=scalars,
+                         critic_scaler=critic_scaler.state_dict())
+        return state, tensors
+
+    step = start_step
+    while True:
+        last_step = step == max_steps
+        just_resumed = cfg.resume and step == start_step
+        with logger.paused():
+            if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+                logger.log_eval(step, evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+            if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
+                ranks = min(check_replicas(train_model, dist), check_replicas(train_critic, dist))
+                if ranks > 1:
+                    print0(f"replicas: policy and critic parameters identical on {ranks} ranks")
+                method_state, method_tensors = method_checkpoint()
+                save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
+                                         "ppo", metadata={"data": data.summary, "init_from": cfg.init_from,
+                                                          "reward_model": cfg.reward_model},
+                                         final=last_step, method_state=method_state, method_tensors=method_tensors)
+        if last_step:
+            break
+        warmup = step < cfg.critic_warmup_steps
+
+        # ---- 1. rollout: one completion per prompt, scored ----
+        indices = [i for micro in sampler.next_step() for i in micro]
+        started, completions, finished = time.time(), [], []
+        for start in range(0, len(indices), cfg.generation_batch_size):
+            chunk = indices[start:start + cfg.generation_batch_size]
+            with amp:
+                out = rollout(train_model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
+                              tokenizer.eos_id, tokenizer.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)
+            completions += out.completions
+            finished += out.finished.tolist()
+        rollout_seconds = time.time() - started
+        ids, attention, mask, _ = pack_sequences([prompts.ids[i] for i in indices], completions, tokenizer.pad_id,
+                                                 dist.device)
+        finished_t = torch.tensor(finished, device=dist.device)
+        scores = torch.zeros(len(indices), device=dist.device)
+        per_function = {}
+        if reward is not None:
+            total, per_function = reward([prompts.text(i) for i in indices],
+                                         [tokenizer.decode(c) for c in completions], prompts.columns(indices))
+            scores += torch.tensor(total, device=dist.device)
+
+        # ---- 2. old and reference log-probs, values, reward model scores (no gradient) ----
+        old_logp, ref_logp, old_values, rm_scores = [], [], [], []
+        with torch.no_grad(), amp:
+            for start in range(0, len(indices), cfg.batch_size):
+                rows = slice(start, start + cfg.batch_size)
+                logp, _, values = policy_forward(train_model, shared_head, ids[rows], attention[rows], cfg.temperature,
+                                                 with_entropy=False)
+                if values is None:
+                    values = critic_values(train_critic, ids[rows], attention[rows])
+                old_logp.append(logp)
+                old_values.append(values.float())
+                ref_logp.append(reference_logprobs(reference, train_model, ids[rows], attention[rows],
+                                                   cfg.temperature).float())
+                if reward_model is not None:
+                    rm_scores.append(reward_model(ids[rows], attention[rows]).float())
+        old_logp, ref_logp, old_values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(old_values) * mask
+        if reward_model is not None:
+            rm_scores = torch.cat(rm_scores)
+            scores += cfg.reward_model_weight * rm_scores
+        scores -= cfg.missing_eos_penalty * (~finished_t).float()
+
+        # ---- 3. per-token rewards (KL penalty + score), GAE, whitened advantages ----
+        rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_coef)
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask, shift_mean=not cfg.whiten_keep_mean)
+
+        # ---- 4. PPO epochs over shuffled minibatches ----
+        sums = {k: 0.0 for k in ("pg", "vf", "entropy", "approxkl", "clipfrac", "vclipfrac", "tokens", "vtokens")}
+        epochs_run, grad_norm, critic_grad_norm = 0, torch.zeros(()), torch.zeros(())
+        lr = cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        lr_critic = cosine_lr(step, max_steps, cfg.warmup_steps, critic_lr, cfg.min_lr_ratio)
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(rows_per_rank).tolist()
+            epoch_kl = torch.zeros(2, device=dist.device, dtype=torch.float64)      # sum of approx KL, tokens
+            for mb in range(cfg.num_mini_batches):
+                mb_rows = order[mb * mini_rows:(mb + 1) * mini_rows]
+                mb_tokens = mask[mb_rows].sum().clamp(min=1)
+                chunks = [mb_rows[i:i + cfg.batch_size] for i in range(0, mini_rows, cfg.batch_size)]
+                for c, rows in enumerate(chunks):
+                    m = mask[rows]
+                    last_chunk = c == len(chunks) - 1
+                    with sync_gradients(train_model, last_chunk), sync_gradients(train_critic, last_chunk):
+                        policy_part = torch.zeros((), device=dist.device)
+                        if warmup:       # only the critic learns: the policy runs without gradient, if at all
+                            if cfg.shared_critic:
+                                with torch.no_grad(), amp:
+                                    hidden = train_model(ids[rows], attention_mask=attention[rows],
+                                                         compute_logits=False).hidden_states[:, :-1]
+                                with amp:
+                                    values = shared_head(hidden.detach())
+                            else:
+                                with amp:
+                                    values = critic_values(train_critic, ids[rows], attention[rows])
+                        else:
+                            with amp:
+                                logp, entropy, values = policy_forward(train_model, shared_head, ids[rows],
+                                                                       attention[rows], cfg.temperature)
+                                if values is None:
+                                    values = critic_values(train_critic, ids[rows], attention[rows])
+                            pg, low, high = clipped_surrogate(logp, old_logp[rows], advantages[rows], cfg.cliprange,
+                                                              cfg.cliprange)
+                            policy_part = ((pg - cfg.entropy_coef * entropy) * m).sum() / mb_tokens
+                            with torch.no_grad():
+                                kl_tokens = approx_kl(logp, old_logp[rows]) * m
+                                epoch_kl += torch.stack([kl_tokens.sum(), m.sum()]).double()
+                                sums["pg"] += float((pg * m).sum())
+                                sums["entropy"] += float((entropy * m).sum())
+                                sums["approxkl"] += float(kl_tokens.sum())
+                                sums["clipfrac"] += float(((low | high).float() * m).sum())
+                                sums["tokens"] += float(m.sum())
+                        vf, vclipped = value_loss(values.float(), old_values[rows], returns[rows], cfg.cliprange_value)
+                        value_part = cfg.vf_coef * (vf * m).sum() / mb_tokens
+                        if critic is None:            # shared trunk: one loss, one backward
+                            scaler.scale(policy_part + value_part).backward()
+                        else:
+                            if not warmup:
+                                scaler.scale(policy_part).backward()
+                            critic_scaler.scale(value_part).backward()
+                    sums["vf"] += float((vf.detach() * m).sum())
+                    sums["vclipfrac"] += float((vclipped.float() * m).sum())
+                    sums["vtokens"] += float(m.sum())
+                if critic is None:
+                    grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+                else:
+                    if not warmup:
+                        grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+                    critic_grad_norm = optimizer_step(critic_optimizer, critic_scaler, lr_critic, cfg.grad_clip)
+            epochs_run += 1
+            if cfg.target_approx_kl and not warmup:
+                if is_distributed():
+                    torch.distributed.all_reduce(epoch_kl)
+                if (epoch_kl[0] / epoch_kl[1].clamp(min=1)).item() > cfg.target_approx_kl:
+                    break
+
+        # ---- 5. the KL coefficient for the next step ----
+        objective = {"objective/kl": kl.sum(-1).mean().item(), "objective/scores": scores.mean().item()}
+        objective = mean_over_ranks(objective, dist.device)
+        kl_coef_used = kl_coef
+        if cfg.target_kl:
+            kl_coef = adaptive_kl_update(kl_coef, objective["objective/kl"], cfg.target_kl, sampler.global_batch,
+                                         cfg.kl_horizon)
+        step += 1
+        logger.tick(tokens=int(attention.sum()) * epochs_run * dist.world_size, samples=sampler.global_batch)
+
+        if step % cfg.log_interval == 0 or step == max_steps:
+            tokens, vtokens = max(sums["tokens"], 1.0), max(sums["vtokens"], 1.0)
+            lengths = [len(c) for c in completions]
+            metrics = {
+                "loss/value": sums["vf"] / vtokens, "val/clipfrac": sums["vclipfrac"] / vtokens,
+                "val/explained_variance": explained_variance(old_values, returns, mask),
+                "val/mean": masked_mean(old_values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),
+                "objective/rlhf_reward": (scores - kl_coef_used * kl.sum(-1)).mean().item(),
+                "objective/non_score_reward": (-kl_coef_used * kl.sum(-1)).mean().item(),
+                "completions/mean_length": sum(lengths) / len(lengths),
+                "completions/clipped_ratio": 1 - sum(finished) / len(finished),
+                "rollout_tokens_per_sec": sum(lengths) / max(rollout_seconds, 1e-9),
+                "ppo/epochs": float(epochs_run), "critic/grad_norm": critic_grad_norm.item()}
+            if not warmup:
+                metrics.update({"loss/policy": sums["pg"] / tokens, "policy/entropy": sums["entropy"] / tokens,
+                                "policy/approxkl": sums["approxkl"] / tokens,
+                                "policy/clipfrac": sums["clipfrac"] / tokens})
+            if reward_model is not None:
+                metrics["rewards/reward_model/mean"] = rm_scores.mean().item()
+            for name, values in per_function.items():
+                metrics[f"rewards/{name}/mean"] = sum(values) / len(values)
+            metrics = mean_over_ranks(metrics, dist.device)
+            metrics["rollout_tokens_per_sec"] *= dist.world_size      # the ranks generate side by side
+            metrics.update(objective)
+            metrics["objective/kl_coef"] = kl_coef_used
+            loss_value = metrics.get("loss/policy", 0.0) + cfg.vf_coef * metrics["loss/value"]
+            logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
+                             show=("objective/scores", "objective/kl", "val/explained_variance",
+                                   "completions/mean_length"), **metrics)
+    logger.close()
+    print0(f"done: {cfg.out_dir}/final")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(PPOConfig, argv, DEFAULTS_YAML)
+    try:
+        train(cfg)
+    except USER_ERRORS + (RewardError,) as e:
+        fail(str(e))
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

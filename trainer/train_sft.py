@@ -1,0 +1,297 @@
+"""Supervised fine-tuning: a pretrained model learns to answer in the chat format, with the loss on its answers only.
+
+Commands, from the repository root after `pip install -e .` (and a pretraining run in out/pretrain):
+
+    # the tiny model on the embedded chat data, on CPU, in a few minutes
+    python trainer/train_sft.py --init_from out/pretrain/final
+
+    # one GPU: a checkpoint of your own (or a local Hugging Face Llama/Qwen directory), packed conversations
+    python trainer/train_sft.py --init_from path/to/Qwen3-0.6B --device cuda --packing --max_seq_len 2048 \\
+        --batch_size 8 --learning_rate 2e-5 --data_config config/data/sft/default.yaml --out_dir out/sft-qwen
+
+    # 8 GPUs of one machine
+    torchrun --standalone --nproc_per_node 8 trainer/train_sft.py --init_from out/midtrain-base/final \\
+        --packing --max_seq_len 2048 --batch_size 8 --out_dir out/sft-base
+
+    # the same with LoRA adapters instead of full fine-tuning (see also trainer/train_lora.py)
+    python trainer/train_sft.py --init_from out/pretrain/final --lora_rank 16 --learning_rate 1e-3
+
+    # learned decoding: temperature (and top-p) heads on the frozen SFT model, trained on goldilocks tokens
+    python trainer/train_sft.py --init_from out/sft/final --out_dir out/sft-temp --train_temp --train_top_p \
+        --freeze_base --goldilocks_filter --learning_rate 1e-2 --max_steps 200
+
+Defaults come from config/train/sft.yaml (--config my.yaml and flags override them).
+
+  arguments  SFTConfig: the flags every trainer shares (trainer/runtime.py), --packing and the sample prompts.
+  data       the sft mixture (config/data/sft/, or --data_config / --data_path): rows of {"messages"},
+             {"conversations"}, {"prompt", "response"} or Anthropic-HH text, checked and rewritten to {"messages"}
+             (dataset/formats.py), then rendered with the chat template. labels = the token where it belongs to an
+             assistant turn (its words and closing <|im_end|>), -100 elsewhere (dataset/chat.py): the loss is the mean
+             cross-entropy over assistant tokens. Conversations longer than --max_seq_len are cut; those left with no
+             assistant token are dropped and counted. --packing fills each sequence with several conversations that
+             cannot see each other.
+  model      the --init_from checkpoint (required); --lora_rank > 0 trains adapters on the frozen model instead.
+             --train_temp / --train_top_p attach learned-decoding heads (model/decoding_heads.py; restored from
+             --init_from when it has them), trained with the language model or alone (--freeze_base) by the
+             analytic min-p hinge on --heads_tokens tokens per micro-batch (bucketed with --goldilocks_filter).
+  loop       as pretraining: accumulation, clipping, AdamW on a cosine schedule; every --eval_interval steps the
+             validation loss, task accuracy (--eval_tasks, e.g. arithmetic) and sample answers.
+  save       OUT_DIR/step_XXXXXX/ (Hugging Face layout, or PEFT adapters under LoRA, + resume state), OUT_DIR/final,
+             OUT_DIR/metrics.jsonl.
+"""
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from dataset.chat import ChatDataset, collate_chat
+from dataset.mixer import format_summary
+from model.checkpoint import HEADS_PREFIX, load_decoding_heads, save_decoding_heads
+from model.decoding_heads import HeadsObjective, attach_decoding_heads, easy_hard_temperatures, pool, summarize_stats
+from trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
+                             all_reduce_mean, autocast_context, build_model, build_optimizer, check_out_dir,
+                             cleanup_distributed, cosine_lr, evaluate_loss, evaluate_tasks_hook, fail,
+                             flops_per_token, has_lora, load_batch, load_resume_state, make_grad_scaler,
+                             mean_over_ranks, optimizer_step, parse_config, prepare_phase_data, print0,
+                             print_samples, resolve_dtype, restore_training_state, save_training_checkpoint,
+                             seed_everything, setup_distributed, sync_gradients, unwrap, wrap_model)
+
+DEFAULTS_YAML = f"{CONFIG_DIR}/sft.yaml"
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning of --init_from on chat data, loss on assistant tokens."""
+
+    packing: bool = field(default=False, metadata={"help": "pack several conversations into each sequence (each "
+                                                           "attends only to itself)"})
+    sample_prompts: str = field(default="What is 12 + 7?|What is 3 * 4 - 5?", metadata={
+        "help": "user messages, separated by |, answered at each evaluation; empty = none"})
+    sample_tokens: int = field(default=48, metadata={"help": "new tokens per sample answer"})
+    # ---- learned decoding (model/decoding_heads.py) ----
+    train_temp: bool = field(default=False, metadata={"help": "train a head that predicts each token's sampling "
+                                                              "temperature"})
+    train_top_p: bool = field(default=False, metadata={"help": "train a head that predicts each token's top-p"})
+    temp_objective: str = field(default="analytic_min_p_hinge", metadata={
+        "help": "the heads' objective: analytic_min_p_hinge = max(0, T* - T) with T* = (z_max - z_gt) / ln(1/r)"})
+    min_p_ratio: float = field(default=0.1, metadata={"help": "min-p ratio r the heads are trained for (and "
+                                                              "generation with --learned_decoding uses)"})
+    temp_hinge_weight: float = field(default=1.0, metadata={"help": "weight of the hinge max(0, T* - T)"})
+    temp_reg_weight: float = field(default=0.5, metadata={"help": "weight of the penalty on T (and top-p) where the "
+                                                                  "ground truth is already the top token"})
+    freeze_base: bool = field(default=False, metadata={"help": "train the heads alone; the model (and any LoRA "
+                                                               "adapters) stays frozen"})
+    heads_tokens: int = field(default=256, metadata={"help": "tokens per micro-batch that train the heads (full "
+                                                             "logits are built for these only)"})
+    goldilocks_filter: bool = field(default=False, metadata={"help": "pick the heads' tokens by bucket: ground truth "
+                                                                     "top-1 or inside the top-k"})
+    goldilocks_easy_frac: float = field(default=0.1, metadata={"help": "fraction of tokens whose ground truth is "
+                                                                       "top-1"})
+    goldilocks_topk_frac: float = field(default=0.9, metadata={"help": "fraction whose ground truth is in the top-k "
+                                                                       "but not first"})
+    goldilocks_topk: int = field(default=10, metadata={"help": "k of the top-k bucket"})
+
+    @property
+    def trains_heads(self) -> bool:
+        return self.train_temp or self.train_top_p
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.init_from:
+            raise FlagError("init_from", "is required: fine-tuning starts from a pretrained checkpoint "
+                                         "(e.g. --init_from out/pretrain/final)")
+        if self.sample_tokens < 1:
+            raise FlagError("sample_tokens", f"must be at least 1, got {self.sample_tokens}")
+        if self.temp_objective != "analytic_min_p_hinge":
+            raise FlagError("temp_objective", f"must be analytic_min_p_hinge (the only objective), got "
+                                              f"{self.temp_objective!r}")
+        for name in ("freeze_base", "goldilocks_filter"):
+            if getattr(self, name) and not self.trains_heads:
+                raise FlagError(name, "needs --train_temp or --train_top_p (it concerns the decoding heads)")
+        if not 0 < self.min_p_ratio < 1:
+            raise FlagError("min_p_ratio", f"must be in (0, 1), got {self.min_p_ratio}")
+        if not self.temp_hinge_weight > 0:
+            raise FlagError("temp_hinge_weight", f"must be positive, got {self.temp_hinge_weight}")
+        if self.temp_reg_weight < 0:
+            raise FlagError("temp_reg_weight", f"must not be negative, got {self.temp_reg_weight}")
+        if self.heads_tokens < 1:
+            raise FlagError("heads_tokens", f"must be at least 1, got {self.heads_tokens}")
+        for name in ("goldilocks_easy_frac", "goldilocks_topk_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise FlagError(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if self.goldilocks_easy_frac + self.goldilocks_topk_frac > 1 + 1e-9:
+            raise FlagError("goldilocks_topk_frac", f"+ --goldilocks_easy_frac must be at most 1, got "
+                                                    f"{self.goldilocks_topk_frac} + {self.goldilocks_easy_frac}")
+        if self.goldilocks_topk < 2:
+            raise FlagError("goldilocks_topk", f"must be at least 2 (the bucket is ranks 2..k), got "
+                                               f"{self.goldilocks_topk}")
+
+    def heads_objective(self) -> HeadsObjective:
+        return HeadsObjective(min_p_ratio=self.min_p_ratio, hinge_weight=self.temp_hinge_weight,
+                              reg_weight=self.temp_reg_weight, num_tokens=self.heads_tokens,
+                              goldilocks=self.goldilocks_filter, easy_frac=self.goldilocks_easy_frac,
+                              topk_frac=self.goldilocks_topk_frac, topk=self.goldilocks_topk)
+
+
+def setup_decoding_heads(model, cfg: SFTConfig) -> None:
+    """Attach the heads --train_temp / --train_top_p ask for, with the weights of --init_from's heads when it has the
+    same ones; with --freeze_base, only they keep requires_grad."""
+    heads = attach_decoding_heads(model, cfg.train_temp, cfg.train_top_p, cfg.min_p_ratio)
+    if load_decoding_heads(model, cfg.init_from):
+        saved = model.decoding_heads
+        if saved.describe() == heads.describe():
+            heads = saved
+            print0(f"decoding heads: continuing from those of {cfg.init_from}")
+        else:
+            model.decoding_heads = heads
+            print0(f"decoding heads: {cfg.init_from} has {saved.describe()}, new heads {heads.describe()} start "
+                   f"from scratch")
+    if cfg.freeze_base:
+        model.requires_grad_(False)
+        heads.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"decoding heads: {', '.join(k for k in ('temperature', 'top_p') if heads.describe()[k])} "
+           f"(min-p ratio {cfg.min_p_ratio}){', base frozen' if cfg.freeze_base else ''}; {trainable:,} trainable "
+           f"parameters")
+
+
+@torch.no_grad()
+def evaluate_heads(model, dataset, batch_size: int, num_batches: int, device, amp, collate) -> dict[str, float]:
+    """Mean predicted temperature on the validation tokens whose label is / is not the top-1 token (rank 0 only)."""
+    raw = unwrap(model)
+    if raw.decoding_heads.temperature is None:
+        return {}
+    was_training = raw.training
+    raw.eval()
+    pooled = {}
+    for start in range(0, min(len(dataset), num_batches * batch_size), batch_size):
+        batch = load_batch(dataset, list(range(start, min(start + batch_size, len(dataset)))), device, collate)
+        with amp:
+            out = raw(batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch.get("position_ids"), compute_logits=False)
+        pool(pooled, easy_hard_temperatures(out.hidden_states, out.temperature, batch["labels"], raw.lm_head.weight))
+    raw.train(was_training)
+    return {"temp_easy": pooled["temp_easy_sum"] / max(pooled["easy"], 1),
+            "temp_hard": pooled["temp_hard_sum"] / max(pooled["hard"], 1)}
+
+
+def train(cfg: SFTConfig) -> None:
+    dist = setup_distributed(cfg.device)
+    check_out_dir(cfg)
+
+    # ---- model ----
+    seed_everything(cfg.seed)
+    model, tokenizer = build_model(cfg, dist.device)
+    print0(f"model: {model.num_parameters():,} parameters, {model.num_parameters(active_only=True):,} active per "
+           f"token, from {cfg.init_from}")
+    objective = None
+    if cfg.trains_heads:
+        setup_decoding_heads(model, cfg)
+        objective = cfg.heads_objective()
+
+    # ---- data: conversations -> (input_ids, labels with -100 outside assistant turns) ----
+    data = prepare_phase_data("sft", cfg, tokenizer, dist)
+    print0(format_summary(data.summary))
+    train_set = ChatDataset(data.train_file, tokenizer, cfg.max_seq_len, cfg.packing)
+    val_set = ChatDataset(data.val_file, tokenizer, cfg.max_seq_len, cfg.packing) if data.val_file else None
+    print0(f"train: {train_set.describe()}")
+    collate = partial(collate_chat, pad_id=tokenizer.pad_id)
+    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
+                                 cfg.seed)
+    max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+
+    # ---- optimisation ----
+    dtype = resolve_dtype(cfg.dtype, dist.device)
+    amp = autocast_context(dist.device, dtype)
+    optimizer = build_optimizer(model, cfg, dist.device)
+    scaler = make_grad_scaler(dist.device, dtype)
+    seed_everything(cfg.seed + dist.rank)
+    start_step, wandb_run_id = 0, None
+    if cfg.resume:
+        resume = load_resume_state(cfg.out_dir)
+        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        if objective is not None and has_lora(model):   # adapter checkpoints keep the heads in the resume state
+            heads_state = {k[len(HEADS_PREFIX):]: v for k, v in resume.method_tensors.items()}
+            model.decoding_heads.load_state_dict(heads_state)
+        start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
+    train_model = wrap_model(model, cfg, dist)
+    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, cfg.max_seq_len), wandb_run_id)
+    logger.log_data(data.summary)
+    print0(f"training: {max_steps:,} steps of {sampler.global_batch} sequences of at most {cfg.max_seq_len} tokens "
+           f"({sampler.steps_per_epoch:,} steps/epoch), {dist.world_size} rank(s), "
+           f"{str(dtype).replace('torch.', '')} on {dist.device}")
+    prompts = [p for p in cfg.sample_prompts.split("|") if p]
+    heads_stats = {}     # the heads' statistics pooled over the micro-batches since the last log line
+
+    # ---- loop: evaluate, save, stop or take one step ----
+    step = start_step
+    while True:
+        last_step = step == max_steps
+        just_resumed = cfg.resume and step == start_step
+        with logger.paused():
+            if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+                metrics = {} if val_set is None else {
+                    "loss": evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp, collate)}
+                if objective is not None and val_set is not None and dist.is_main:
+                    metrics.update(evaluate_heads(train_model, val_set, cfg.batch_size, cfg.eval_batches,
+                                                  dist.device, amp, collate))
+                metrics.update(evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                logger.log_eval(step, metrics)
+                if dist.is_main and prompts:
+                    print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp, chat=True)
+            if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
+                lora_heads = objective is not None and has_lora(model)
+                path = save_training_checkpoint(
+                    cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger, "sft",
+                    metadata={"data": data.summary, "init_from": cfg.init_from}, final=last_step,
+                    method_tensors={f"{HEADS_PREFIX}{k}": v for k, v in model.decoding_heads.state_dict().items()}
+                    if lora_heads else None)
+                if lora_heads and dist.is_main:   # adapters alone hold no heads: they go beside them
+                    save_decoding_heads(model, path)
+        if last_step:
+            break
+
+        step_loss = torch.zeros((), device=dist.device)
+        step_tokens = 0
+        for micro, indices in enumerate(sampler.next_step()):
+            batch = load_batch(train_set, indices, dist.device, collate)    # input_ids, labels, ...: [B, T]
+            step_tokens += sum(train_set.lengths[i] for i in indices)
+            with sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
+                with amp:
+                    out = train_model(**batch)
+                    loss = out.loss                                       # mean over this micro-batch's targets
+                    total = loss
+                    if objective is not None:                             # the heads' min-p hinge on a few tokens
+                        heads_loss, stats = objective(out.hidden_states, out.temperature, out.top_p,
+                                                      batch["labels"], model.lm_head.weight)
+                        total = heads_loss if cfg.freeze_base else loss + heads_loss
+                        pool(heads_stats, stats)
+                scaler.scale(total / cfg.accumulation_steps).backward()
+            step_loss += loss.detach()
+        lr = cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        step += 1
+        # tokens/s counts this rank's real (unpadded) tokens times the number of ranks: an estimate, without a sync
+        logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
+        if step % cfg.log_interval == 0 or step == max_steps:
+            extra = mean_over_ranks(summarize_stats(heads_stats), dist.device) if objective is not None else {}
+            heads_stats = {}
+            logger.log_train(step, loss=all_reduce_mean(step_loss / cfg.accumulation_steps), lr=lr,
+                             grad_norm=grad_norm.item(), epoch=sampler.epoch_progress, **extra)
+    logger.close()
+    print0(f"done: {cfg.out_dir}/final")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(SFTConfig, argv, DEFAULTS_YAML)
+    try:
+        train(cfg)
+    except USER_ERRORS as e:
+        fail(str(e))
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""SPO: Single-stream Policy Optimization, one completion per prompt and a persistent per-prompt value tracker.
+
+GRPO needs G completions of a prompt to form a baseline, and a group whose rewards are all equal teaches nothing.
+SPO (Xu & Ding 2025, arXiv 2509.13232) samples ONE completion per prompt and takes its baseline from a tracker that
+remembers, for every prompt, a Beta(alpha, beta) belief over the policy's chance of success on it:
+
+    p_hat      = alpha / (alpha + beta)                        the estimate, taken before this response is counted
+    advantage  = r - p_hat, then normalised over the whole batch (all ranks): (A - mean) / (std + 1e-6)
+    forgetting rho = clip(2^(-D / D_half), rho_min, rho_max)   D: mean |log pi_now - log pi_then| over the tokens of
+                                                               the prompt's last stored response (how far the
+                                                               policy has moved since the tracker last saw it)
+    update     alpha <- rho * alpha + r,  beta <- rho * beta + (1 - r)
+    init       n0 = --init_samples responses per prompt before training: p0 = their mean success,
+               alpha = N * p0, beta = N * (1 - p0) with N = 1 / (1 - rho_min), the effective count of the tracker
+               at its fastest forgetting
+    sampling   each micro-batch draws its prompts from --candidate_factor times as many candidates with weight
+               sqrt(p_hat (1 - p_hat)) + epsilon: prompts the policy sometimes solves carry the most signal
+
+The policy then follows PPO's clipped objective with these advantages on every completion token. r is the reward
+made binary by --success_threshold (or clamped to [0, 1] with --binary_reward false); the reward comes from the
+reward functions and/or a reward model (--reward_model).
+
+Commands, from the repository root after `pip install -e .` (and an SFT run in out/sft):
+
+    python trainer/train_spo.py --init_from out/sft/final                          # tiny model, CPU
+    python trainer/train_spo.py --init_from out/sft-small/final --device cuda --batch_size 64 --out_dir out/spo
+    torchrun --standalone --nproc_per_node 8 trainer/train_spo.py --init_from out/sft-base/final --out_dir out/spo
+
+Defaults come from config/train/spo.yaml. The tracker (alpha, beta, each prompt's last response and its
+log-probs) is saved with every checkpoint and restored by --resume.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dataset.mixer import format_summary
+from dataset.prompts import PromptDataset
+from eval.rewards import RewardError, parse_reward_flags
+from trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
+                             all_gather_bytes, autocast_context, build_model, build_optimizer, check_out_dir,
+                             check_replicas, cleanup_distributed, clipped_surrogate, cosine_lr, evaluate_tasks_hook,
+                             fail, flops_per_token, gather_logprobs, is_distributed, linear_schedule,
+                             load_frozen_reward_model, load_resume_state, make_grad_scaler, mean_over_ranks,
+                             optimizer_step, pack_sequences, parse_config, prepare_phase_data, print0, resolve_dtype,
+                             restore_training_state, reward_model_scores, rollout, save_training_checkpoint,
+                             seed_everything, setup_distributed, sync_gradients, unwrap, wrap_model)
+
+DEFAULTS_YAML = f"{CONFIG_DIR}/spo.yaml"
+
+
+@dataclass
+class SPOConfig(TrainConfig):
+    """Single-stream Policy Optimization (batch_size = prompts, one completion each, per micro-batch)."""
+
+    # ---- rollouts ----
+    max_prompt_length: int = field(default=192, metadata={"help": "longer prompts are dropped (and counted)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (unless a schedule is given)"})
+    temperature_start: float | None = field(default=None, metadata={"help": "temperature at step 0"})
+    temperature_end: float | None = field(default=None, metadata={"help": "temperature after the warmup"})
+    temperature_warmup_steps: int = field(default=0, metadata={"help": "steps of the temperature schedule"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens only; 0 = all"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1 = off"})
+    generation_batch_size: int = field(default=64, metadata={"help": "sequences generated together"})
+    # ---- rewards ----
+    reward_funcs: str = field(default="exact_answer", metadata={
+        "help": "comma-separated built-ins (exact_answer, format, tiered, length_penalty) or module:function"})
+    reward_weights: str = field(default="", metadata={"help": "comma-separated weights; empty = 1 each"})
+    reward_model: str = field(default="", metadata={"help": "reward model directory (trainer/train_reward.py) whose "
+                                                            "score is added to the reward functions'"})
+    reward_model_weight: float = field(default=1.0, metadata={"help": "weight of the reward model's score"})
+    success_threshold: float = field(default=0.5, metadata={"help": "r = 1 when the reward is at least this"})
+    binary_reward: bool = field(default=True, metadata={"help": "r = 1[reward >= success_threshold]; false: r = "
+                                                                "the reward clamped to [0, 1]"})
+    # ---- tracker ----
+    init_samples: int = field(default=4, metadata={"help": "n0: responses per prompt that initialise the tracker"})
+    rho_min: float = field(default=0.875, metadata={"help": "fastest forgetting (also sets N = 1 / (1 - rho_min))"})
+    rho_max: float = field(default=0.96, metadata={"help": "slowest forgetting"})
+    d_half: float = field(default=0.06, metadata={"help": "policy change D at which rho = 1/2 before clipping"})
+    constant_rho: float | None = field(default=None, metadata={"help": "use this fixed rho instead of 2^(-D/D_half)"})
+    candidate_factor: int = field(default=4, metadata={"help": "candidates per selected prompt (prioritised "
+                                                                "sampling); 1 = no prioritisation"})
+    sampling_epsilon: float = field(default=0.05, metadata={"help": "epsilon of the weight sqrt(p(1-p)) + epsilon"})
+    # ---- objective ----
+    epsilon: float = field(default=0.2, metadata={"help": "lower clip: ratio >= 1 - epsilon"})
+    epsilon_high: float | None = field(default=None, metadata={"help": "upper clip; None = epsilon"})
+    num_iterations: int = field(default=1, metadata={"help": "optimizer steps on each rollout batch"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.init_from:
+            raise FlagError("init_from", "is required: RL starts from a trained checkpoint "
+                                         "(e.g. --init_from out/sft/final)")
+        for name, low in (("max_prompt_length", 1), ("max_new_tokens", 1), ("generation_batch_size", 1),
+                          ("init_samples", 0), ("candidate_factor", 1), ("num_iterations", 1),
+                          ("temperature_warmup_steps", 0), ("top_k", 0)):
+            if getattr(self, name) < low:
+                raise FlagError(name, f"must be at least {low}, got {getattr(self, name)}")
+        if not 0 < self.rho_min <= self.rho_max < 1:
+            raise FlagError("rho_min", f"and --rho_max need 0 < rho_min <= rho_max < 1, got {self.rho_min}, "
+                                       f"{self.rho_max}")
+        if self.constant_rho is not None and not 0 < self.constant_rho < 1:
+            raise FlagError("constant_rho", f"must be in (0, 1), got {self.constant_rho}")
+        if not self.d_half > 0:
+            raise FlagError("d_half", f"must be positive, got {self.d_half}")
+        if not 0 < self.top_p <= 1:
+            raise FlagError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if (self.temperature_start is None) != (self.temperature_end is None):
+            raise FlagError("temperature_start", "and --temperature_end go together")
+        if not self.reward_funcs.strip() and not self.reward_model:
+            raise FlagError("reward_funcs", "is empty and no --reward_model is given: nothing scores the completions")
+        try:
+            if self.reward_funcs.strip():
+                parse_reward_flags(self.reward_funcs, self.reward_weights)
+        except RewardError as e:
+            raise FlagError("reward_funcs", str(e)) from None
+
+
+# =============================================================================================================
+# The tracker: a Beta belief per prompt (tests/test_spo.py checks each rule)
+# =============================================================================================================
+
+def forgetting_factor(D: float, d_half: float, rho_min: float, rho_max: float) -> float:
+    """rho = clip(2^(-D / D_half), rho_min, rho_max): the more the policy moved, the more the past is forgotten."""
+    return min(rho_max, max(rho_min, 2.0 ** (-D / d_half)))
+
+
+def policy_change(logp_now: torch.Tensor, logp_then: torch.Tensor) -> float:
+    """D = mean over the response's tokens of |log pi_now(token) - log pi_then(token)|."""
+    return (logp_now - logp_then).abs().mean().item() if logp_now.numel() else 0.0
+
+
+def sampling_weights(p_hat: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """sqrt(p (1 - p)) + epsilon: the Bernoulli std of each prompt's success, floored."""
+    return torch.sqrt(p_hat * (1 - p_hat)) + epsilon
+
+
+def normalise_advantages(raw: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(A - mean) / (std + eps) over the whole batch of every rank (one all-reduce of sum, sum of squares, count)."""
+    stats = torch.stack([raw.sum(), (raw ** 2).sum(), torch.tensor(float(raw.numel()), device=raw.device)])
+    if is_distributed():
+        torch.distributed.all_reduce(stats)
+    mean = stats[0] / stats[2]
+    std = torch.sqrt((stats[1] / stats[2] - mean ** 2).clamp(min=0))
+    return (raw - mean) / (std + eps)
+
+
+class BetaTracker:
+    """Beta(alpha, beta) over each prompt's success, plus each prompt's last response and its log-probs."""
+
+    def __init__(self, num_prompts: int, rho_min: float, rho_max: float, d_half: float,
+                 constant_rho: float | None = None):
+        self.alpha = torch.ones(num_prompts, dtype=torch.float64)      # Beta(1, 1) until initialised
+        self.beta = torch.ones(num_prompts, dtype=torch.float64)
+        self.rho_min, self.rho_max, self.d_half, self.constant_rho = rho_min, rho_max, d_half, constant_rho
+        self.last: dict[int, tuple[list[int], list[float]]] = {}        # prompt -> (response tokens, their logps)
+
+    @property
+    def effective_count(self) -> float:
+        """N = 1 / (1 - rho_min): the weight of the past at the fastest forgetting, sum_k rho_min^k."""
+        return 1.0 / (1.0 - self.rho_min)
+
+    def p_hat(self, indices) -> torch.Tensor:
+        a, b = self.alpha[indices], self.beta[indices]
+        return a / (a + b)
+
+    def initialise(self, index: int, successes: list[float]) -> None:
+        """alpha = N p0, beta = N (1 - p0), p0 the mean of the n0 initial successes."""
+        p0 = sum(successes) / len(successes)
+        self.alpha[index] = self.effective_count * p0
+        self.beta[index] = self.effective_count * (1 - p0)
+
+    def rho(self, D: float | None) -> float:
+        if self.constant_rho is not None:
+            return self.constant_rho
+        if D is None:                  # nothing stored yet: the policy change is unknown, forget the least
+            return self.rho_max
+        return forgetting_factor(D, self.d_half, self.rho_min, self.rho_max)
+
+    def update(self, index: int, r: float, rho: float) -> None:
+        """alpha <- rho alpha + r, beta <- rho beta + (1 - r)."""
+        self.alpha[index] = rho * self.alpha[index] + r
+        self.beta[index] = rho * self.beta[index] + (1 - r)
+
+    # ---- checkpoint ----
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        prompts = sorted(self.last)
+        tokens = [t for p in prompts for t in self.last[p][0]]
+        logps = [x for p in prompts for x in self.last[p][1]]
+        return {"spo.alpha": self.alpha.clone(), "spo.beta": self.beta.clone(),
+                "spo.last_prompts": torch.tensor(prompts, dtype=torch.long),
+                "spo.last_lengths": torch.tensor([len(self.last[p][0]) for p in prompts], dtype=torch.long),
+                "spo.last_tokens": torch.tensor(tokens, dtype=torch.long),
+                "spo.last_logps": torch.tensor(logps, dtype=torch.float32)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors["spo.alpha"].numel() != self.alpha.numel():
+            raise ValueError(f"the checkpoint's tracker covers {tensors['spo.alpha'].numel()} prompts, this run's "
+                             f"{self.alpha.numel()}")
+        self.alpha, self.beta = tensors["spo.alpha"].clone(), tensors["spo.beta"].clone()
+        self.last, offset = {}, 0
+        for p, n in zip(tensors["spo.last_prompts"].tolist(), tensors["spo.last_lengths"].tolist()):
+            self.last[p] = (tensors["spo.last_tokens"][offset:offset + n].tolist(),
+                            tensors["spo.last_logps"][offset:offset + n].tolist())
+            offset += n
+
+
+# =============================================================================================================
+# Training
+# =============================================================================================================
+
+def success(reward: float, cfg: SPOConfig) -> float:
+    """The bounded reward r the tracker counts."""
+    return float(reward >= cfg.success_threshold) if cfg.binary_reward else min(1.0, max(0.0, reward))
+
+
+def sample_and_score(model, prompts: PromptDataset, indices: list[int], tokenizer, reward, reward_model,
+                     cfg: SPOConfig, temperature: float,
+                     amp) -> tuple[list[list[int]], list[float], list[float], float]:
+    """One completion of each prompt: (completions, rewards, r, seconds)."""
+    started, completions = time.time(), []
+    for start in range(0, len(indices), cfg.generation_batch_size):
+        chunk = indices[start:start + cfg.generation_batch_size]
+        with amp:
+            out = rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, temperature, tokenizer.eos_id,
+                          tokenizer.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)
+        completions += out.completions
+    seconds = time.time() - started
+    total = [0.0] * len(indices)
+    if reward is not None:
+        total, _ = reward([prompts.text(i) for i in indices], [tokenizer.decode(c) for c in completions],
+                          prompts.columns(indices))
+    if reward_model is not None:
+        with amp:
+            scores = reward_model_scores(reward_model, [prompts.ids[i] for i in indices], completions,
+                                         tokenizer.pad_id, next(reward_model.parameters()).device,
+                                         cfg.generation_batch_size)
+        total = [t + cfg.reward_model_weight * x for t, x in zip(total, scores)]
+    return completions, total, [success(x, cfg) for x in total], seconds
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompts: PromptDataset, indices: list[int], completions: list[list[int]],
+                        pad_id: int, temperature: float, amp) -> list[list[float]]:
+    """log pi(token) of each completion token under `model` (no gradient)."""
+    device = next(unwrap(model).parameters()).device
+    ids, attention, mask, _ = pack_sequences([prompts.ids[i] for i in indices], completions, pad_id, device)
+    with amp:
+        logp = gather_logprobs(unwrap(model), ids, attention, temperature).float()
+    return [logp[b][mask[b].bool()].tolist() for b in range(len(indices))]
+
+
+def initialise_tracker(tracker: BetaTracker, model, prompts: PromptDataset, tokenizer, reward, reward_model,
+                       cfg: SPOConfig, dist, amp) -> None:
+    """--init_samples responses per prompt (the prompts split over ranks), then every rank gets every estimate."""
+    if cfg.init_samples == 0:
+        return
+    mine = list(range(dist.rank, len(prompts), dist.world_size))
+    flat = [i for i in mine for _ in range(cfg.init_samples)]
+    completions, _, r, _ = sample_and_score(model, prompts, flat, tokenizer, reward, reward_model, cfg,
+                                            cfg.temperature, amp)
+    n = cfg.init_samples
+    records = []
+    for k, i in enumerate(mine):
+        last = completions[k * n + n - 1]
+        records.append({"i": i, "s": r[k * n:(k + 1) * n], "t": last})
+    logps = completion_logprobs(model, prompts, [rec["i"] for rec in records], [rec["t"] for rec in records],
+                                tokenizer.pad_id, cfg.temperature, amp) if records else []
+    for rec, lp in zip(records, logps):
+        rec["l"] = lp
+    for rec in exchange(records, dist):
+        tracker.initialise(rec["i"], rec["s"])
+        tracker.last[rec["i"]] = (rec["t"], rec["l"])
+
+
+def exchange(records: list[dict], dist) -> list[dict]:
+    """Every rank's records, in rank order (JSON bytes through all_gather_bytes: nothing is pickled)."""
+    data = torch.frombuffer(bytearray(json.dumps(records).encode()), dtype=torch.uint8)
+    return [rec for chunk in all_gather_bytes(data, dist.device) for rec in json.loads(bytes(chunk.tolist()))]
+
+
+def choose_prompts(tracker: BetaTracker, candidates: list[int], count: int, epsilon: float) -> list[int]:
+    """`count` of the candidates, drawn without replacement with weight sqrt(p_hat (1 - p_hat)) + epsilon."""
+    if len(candidates) == count:
+        return candidates
+    weights = sampling_weights(tracker.p_hat(candidates), epsilon)
+    picks = torch.multinomial(weights.float(), count, replacement=False).tolist()
+    return [candidates[k] for k in picks]
+
+
+def train(cfg: SPOConfig) -> None:
+    dist = setup_distributed(cfg.device)
+    check_out_dir(cfg)
+    reward = parse_reward_flags(cfg.reward_funcs, cfg.reward_weights) if cfg.reward_funcs.strip() else None
+    epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+
+    # ---- model, prompts, tracker ----
+    seed_everything(cfg.seed)
+    model, tokenizer = build_model(cfg, dist.device)
+    reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device) if cfg.reward_model else None
+    print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}")
+    data = prepare_phase_data("rlaif", cfg, tokenizer, dist)
+    print0(format_summary(data.summary))
+    prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
+    print0(f"prompts: {prompts.describe()}")
+    # each micro-step reads candidate_factor * batch_size candidates and keeps batch_size of them
+    sampler = GlobalBatchSampler(len(prompts), cfg.batch_size * cfg.candidate_factor, cfg.accumulation_steps,
+                                 dist.world_size, dist.rank, cfg.seed)
+    max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+    tracker = BetaTracker(len(prompts), cfg.rho_min, cfg.rho_max, cfg.d_half, cfg.constant_rho)
+
+    # ---- optimisation ----
+    dtype = resolve_dtype(cfg.dtype, dist.device)
+    amp = autocast_context(dist.device, dtype)
+    optimizer = build_optimizer(model, cfg, dist.device)
+    scaler = make_grad_scaler(dist.device, dtype)
+    seed_everything(cfg.seed + dist.rank)
+    start_step, wandb_run_id = 0, None
+    if cfg.resume:
+        resume = load_resume_state(cfg.out_dir)
+        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
+        tracker.load_state_tensors(resume.method_tensors)
+        print0(f"tracker restored: {len(tracker.last):,} prompts with a stored response")
+    else:
+        started = time.time()
+        initialise_tracker(tracker, model, prompts, tokenizer, reward, reward_model, cfg, dist, amp)
+        print0(f"tracker: {cfg.init_samples} samples per prompt, mean p_hat {tracker.p_hat(slice(None)).mean():.3f}, "
+               f"N = {tracker.effective_count:.1f} ({time.time() - started:.0f}s)")
+    train_model = wrap_model(model, cfg, dist)
+    seq_len = cfg.max_prompt_length + cfg.max_new_tokens
+    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, seq_len), wandb_run_id)
+    logger.log_data(data.summary)
+    print0(f"training: {max_steps:,} steps of {cfg.batch_size * cfg.accumulation_steps * dist.world_size} prompts "
+           f"(one completion each, chosen from {cfg.candidate_factor}x as many), {dist.world_size} rank(s), "
+           f"{str(dtype).replace('torch.', '')} on {dist.device}")
+
+    step = start_step
+    while True:
+        last_step = step == max_steps
+        just_resumed = cfg.resume and step == start_step
+        with logger.paused():
+            if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+                logger.log_eval(step, evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+            if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
+                ranks = check_replicas(train_model, dist)
+                if ranks > 1:
+                    print0(f"replicas: parameters identical on {ranks} ranks")
+                save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
+                                         "spo", metadata={"data": data.summary, "init_from": cfg.init_from},
+                                         final=last_step, method_tensors=tracker.state_tensors())
+        if last_step:
+            break
+
+        # ---- 1. prompts (prioritised), one completion each, rewards ----
+        temperature = (cfg.temperature if cfg.temperature_start is None else
+                       linear_schedule(step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_warmup_steps))
+        indices = [i for candidates in sampler.next_step()
+                   for i in choose_prompts(tracker, candidates, cfg.batch_size, cfg.sampling_epsilon)]
+        completions, rewards, r, rollout_seconds = sample_and_score(train_model, prompts, indices, tokenizer, reward,
+                                                                    reward_model, cfg, temperature, amp)
+        old_logps = completion_logprobs(train_model, prompts, indices, completions, tokenizer.pad_id, temperature,
+                                        amp)
+
+        # ---- 2. tracker: policy change D since each prompt's stored response, rho, baseline, update ----
+        stored = [i for i in indices if i in tracker.last]
+        now = completion_logprobs(train_model, prompts, stored, [tracker.last[i][0] for i in stored],
+                                  tokenizer.pad_id, temperature, amp) if stored else []
+        D = {i: policy_change(torch.tensor(lp), torch.tensor(tracker.last[i][1])) for i, lp in zip(stored, now)}
+        p_before = tracker.p_hat(indices).float()
+        raw = torch.tensor(r) - p_before                                      # [B]: r - p_hat (before the update)
+        records = [{"i": i, "r": r[k], "D": D.get(i), "t": completions[k], "l": old_logps[k]}
+                   for k, i in enumerate(indices)]
+        rhos = []
+        for rec in exchange(records, dist):                 # every rank applies every rank's updates, in order
+            rho = tracker.rho(rec["D"])
+            tracker.update(rec["i"], rec["r"], rho)
+            tracker.last[rec["i"]] = (rec["t"], rec["l"])
+            rhos.append(rho)
+        advantages = normalise_advantages(raw.to(dist.device))                # global batch normalisation
+
+        # ---- 3. PPO-clip updates ----
+        micro = [slice(m * cfg.batch_size, (m + 1) * cfg.batch_size) for m in range(cfg.accumulation_steps)]
+        packed = [pack_sequences([prompts.ids[i] for i in indices[s]], completions[s], tokenizer.pad_id,
+                                 dist.device) for s in micro]
+        old = []
+        for (ids, attention, mask, _), s in zip(packed, micro):
+            o = torch.zeros_like(mask)
+            for b, lp in enumerate(old_logps[s]):
+                o[b][mask[b].bool()] = torch.tensor(lp, device=dist.device)
+            old.append(o)
+        sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
+        for iteration in range(cfg.num_iterations):
+            for m, ((ids, attention, mask, _), s) in enumerate(zip(packed, micro)):
+                with sync_gradients(train_model, last_micro_step=m == len(micro) - 1):
+                    with amp:
+                        logp, entropy = gather_logprobs(train_model, ids, attention, temperature, with_entropy=True)
+                    per_token, low, high = clipped_surrogate(logp.float(), old[m], advantages[s, None], cfg.epsilon,
+                                                             epsilon_high)
+                    loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+                    scaler.scale(loss / cfg.accumulation_steps).backward()
+                sums["loss"] += float((per_token.detach() * mask).sum())
+                sums["tokens"] += float(mask.sum())
+                sums["clip_low"] += float((low.float() * mask).sum())
+                sums["clip_high"] += float((high.float() * mask).sum())
+                sums["entropy"] += float((entropy.detach().float() * mask).sum())
+            lr = cosine_lr(step * cfg.num_iterations + iteration, max_steps * cfg.num_iterations, cfg.warmup_steps,
+                           cfg.learning_rate, cfg.min_lr_ratio)
+            grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        step += 1
+        logger.tick(tokens=sum(int(p[1].sum()) for p in packed) * cfg.num_iterations * dist.world_size,
+                    samples=len(indices) * dist.world_size)
+
+        if step % cfg.log_interval == 0 or step == max_steps:
+            tokens = max(sums["tokens"], 1)
+            quantiles = torch.quantile(advantages.float().cpu(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+            lengths = [len(c) for c in completions]
+            metrics = {"reward": sum(rewards) / len(rewards), "success": sum(r) / len(r),
+                       "spo/rho": sum(rhos) / len(rhos),
+                       "spo/D": sum(D.values()) / len(D) if D else 0.0,
+                       "spo/p_hat": p_before.mean().item(),
+                       "spo/effective_count": (tracker.alpha[indices] + tracker.beta[indices]).mean().item(),
+                       "advantage/q10": quantiles[0], "advantage/q50": quantiles[1], "advantage/q90": quantiles[2],
+                       "entropy": sums["entropy"] / tokens, "clip_ratio/low_mean": sums["clip_low"] / tokens,
+                       "clip_ratio/high_mean": sums["clip_high"] / tokens,
+                       "completions/mean_length": sum(lengths) / len(lengths),
+                       "rollout_tokens_per_sec": sum(lengths) / max(rollout_seconds, 1e-9),
+                       "loss": sums["loss"] / tokens}
+            metrics = mean_over_ranks(metrics, dist.device)
+            metrics["rollout_tokens_per_sec"] *= dist.world_size
+            loss_value = metrics.pop("loss")
+            logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
+                             show=("reward", "spo/rho", "spo/p_hat", "completions/mean_length"), **metrics)
+    logger.close()
+    print0(f"done: {cfg.out_dir}/final")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(SPOConfig, argv, DEFAULTS_YAML)
+    try:
+        train(cfg)
+    except USER_ERRORS + (RewardError,) as e:
+        fail(str(e))
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
