@@ -1,14 +1,16 @@
 # Shared fixtures of the test suite.
 #
 # trained_checkpoints: a tiny model pretrained and then fine-tuned on the embedded data by the real scripts, once per
-# test session (about a minute on 2 CPU cores), for the tests of the methods that start from an SFT model (DPO, RL,
-# distillation). Tests must copy what they change; the directories are shared.
+# test session (about a minute and a half on 2 CPU cores), for the tests of the methods that start from an SFT model
+# (DPO, RL, distillation). Tests must copy what they change; the directories are shared. Under pytest-xdist (the
+# default, pyproject.toml) the workers share one copy: the first to need it trains it, the others wait on a lock.
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +34,18 @@ def run_script(script: str, *args: str, ranks: int = 1, timeout: int = 600,
 @pytest.fixture(scope="session")
 def trained_checkpoints(tmp_path_factory) -> dict[str, str]:
     """{"pretrain": DIR, "sft": DIR, "prepared": DIR}: the tiny model after a short pretraining and SFT."""
-    root = tmp_path_factory.mktemp("trained")
+    if os.environ.get("PYTEST_XDIST_WORKER"):         # one directory for all workers of this run
+        root = tmp_path_factory.getbasetemp().parent / "trained"
+    else:
+        root = tmp_path_factory.mktemp("trained")
+    with FileLock(str(root) + ".lock"):
+        if not (root / "sft" / "final").is_dir():
+            train_checkpoints(root)
+    return {"pretrain": str(root / "pretrain" / "final"), "sft": str(root / "sft" / "final"),
+            "prepared": str(root / "prepared")}
+
+
+def train_checkpoints(root: Path) -> None:
     prepared = str(root / "prepared")
     common = ["--prepared_dir", prepared, "--report_to", "none", "--log_interval", "50", "--eval_interval", "0",
               "--eval_batches", "2", "--sample_prompts", ""]
@@ -43,4 +56,3 @@ def trained_checkpoints(tmp_path_factory) -> dict[str, str]:
                    str(root / "sft"), "--max_steps", "200", "--batch_size", "16", "--max_seq_len", "128",
                    "--learning_rate", "2e-3", "--warmup_steps", "10", "--eval_tasks", "")
     assert r.returncode == 0, r.stderr
-    return {"pretrain": str(root / "pretrain" / "final"), "sft": str(root / "sft" / "final"), "prepared": prepared}

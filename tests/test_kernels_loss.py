@@ -257,7 +257,8 @@ def test_logprobs_and_entropy_match_reference_fp32(temperature):
         ref_grads = torch.autograd.grad(objective(*logprobs_reference(hidden, weight, labels, temperature, True)),
                                         (hidden, weight))
         for grad, ref in zip(grads, ref_grads):
-            assert_close(grad, ref, atol=2e-6)
+            # sums over 37 rows of terms up to ~10 (hidden scale 3, T = 0.6) in a different order: a few 1e-6 apart
+            assert_close(grad, ref, atol=1e-5)
 
 
 def test_logprobs_without_entropy_and_huge_logits():

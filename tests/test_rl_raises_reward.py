@@ -1,9 +1,10 @@
 # Run: python -m pytest tests/test_rl_raises_reward.py
 # GRPO, SPO and PPO really optimise their reward: from the tiny SFT model, a dozen steps on a reward the model can
 # move quickly (the fraction of digits in the completion, a user reward passed as module:function) must raise the
-# mean reward well above where it started. Measured on 2 CPU cores: GRPO 0.19 -> 0.68, SPO 0.19 -> 0.52, PPO
-# 0.19 -> 0.47 over the first and last steps. (Accuracy on the held-out arithmetic, the slower signal, is measured by
-# the README's runs of the real defaults.)
+# mean reward well above where it started. Gain of the mean of the last three steps over the first three, seeds 1-4
+# on 2 CPU cores: GRPO +0.35 to +0.45, SPO +0.33 to +0.50, PPO +0.23 to +0.26 (PPO plateaus near 0.45); the test
+# asks for +0.15. (Accuracy on the held-out arithmetic, the slower signal, is measured by the README's runs of the
+# real defaults.)
 import json
 
 import pytest
@@ -21,10 +22,15 @@ COMMON = ["--batch_size", "8", "--max_new_tokens", "16", "--log_interval", "1", 
           "--reward_weights", "1"]
 METHODS = {
     "grpo": ["--max_steps", "12", "--num_generations", "4", "--learning_rate", "1e-3"],
-    "spo": ["--max_steps", "12", "--learning_rate", "1e-3"],
-    # PPO: one completion per prompt, so a larger batch; no EOS penalty (the toy reward alone), the critic learns
-    # from the first step, no early stop on approx KL
-    "ppo": ["--max_steps", "16", "--batch_size", "16", "--learning_rate", "3e-4", "--critic_learning_rate", "1e-3",
+    # SPO: one completion per prompt, so 32 prompts (as many completions as GRPO's 8 x 4); the reward is a fraction,
+    # so the tracker counts it as is (with the default binary success at 0.5 almost every r is 0 and nothing is
+    # learned in 12 steps); no initial samples (each prompt starts at Beta(1, 1); the batch normalisation still
+    # centres the advantages), which saves the 40 s of sampling every prompt twice
+    "spo": ["--max_steps", "12", "--batch_size", "32", "--learning_rate", "1e-3", "--binary_reward", "false",
+            "--init_samples", "0"],
+    # PPO: one completion per prompt, 32 prompts; no EOS penalty (the toy reward alone), the critic learns from the
+    # first step, no early stop on approx KL
+    "ppo": ["--max_steps", "16", "--batch_size", "32", "--learning_rate", "1e-3", "--critic_learning_rate", "1e-3",
             "--missing_eos_penalty", "0", "--critic_warmup_steps", "0", "--kl_coef", "0.01",
             "--target_approx_kl", "0"],
 }
