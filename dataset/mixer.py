@@ -12,6 +12,8 @@ A mixture is a YAML file in config/data/<phase>/ (phase = pretrain, midtrain, sf
         path: data/my_chat.jsonl    # JSON or JSONL, relative to the current directory
         weight: 3                   # share of the training rows: weight / sum of weights
         max_samples: 5000           # use at most this many rows of the source (a seeded random subset)
+        where: {task: arithmetic}   # keep only rows whose field equals the value (or one of a list of values);
+                                    # a dotted name reads a nested field: where: {meta.level: [2, 3]}
       - name: tasks
         embedded: sft               # or one of the repo's embedded files (built on first use, no download)
         weight: 1
@@ -56,6 +58,7 @@ class Source:
     weight: float
     max_samples: int | None = None
     embedded: str | None = None
+    where: dict | None = None  # {field (dotted for nested): [allowed values]}: rows kept before any sampling
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Mixture:
         return {"phase": self.phase, "seed": self.seed, "validation_fraction": self.validation_fraction,
                 "num_samples": self.num_samples, "max_bad_fraction": self.max_bad_fraction,
                 "sources": [{"name": s.name, "path": os.path.abspath(s.path), "weight": s.weight,
-                             "max_samples": s.max_samples} for s in self.sources]}
+                             "max_samples": s.max_samples, "where": s.where} for s in self.sources]}
 
 
 @dataclass
@@ -92,7 +95,9 @@ class PreparedData:
 
 MIXTURE_KEYS = {"phase": str, "seed": int, "validation_fraction": (int, float), "num_samples": int,
                 "max_bad_fraction": (int, float), "sources": list}
-SOURCE_KEYS = {"name": str, "path": str, "embedded": str, "weight": (int, float), "max_samples": int}
+SOURCE_KEYS = {"name": str, "path": str, "embedded": str, "weight": (int, float), "max_samples": int,
+               "where": dict}
+SCALARS = (str, int, float, bool)       # the values a `where` condition compares with
 
 
 def key_lines(node) -> dict[str, int]:
@@ -177,6 +182,7 @@ def load_mixture(path: str, phase: str, seed: int) -> Mixture:
             raise DataError(f"{at_source('weight')} must be a positive number, got {entry['weight']!r}")
         if entry.get("max_samples") is not None and entry["max_samples"] < 1:
             raise DataError(f"{at_source('max_samples')} must be at least 1, got {entry['max_samples']}")
+        where_rule = check_where(entry.get("where"), at_source("where"))
         embedded = entry.get("embedded")
         if embedded is not None:
             from dataset.embedded import FILES
@@ -188,10 +194,52 @@ def load_mixture(path: str, phase: str, seed: int) -> Mixture:
             source_path = entry["path"]
             if not os.path.isfile(source_path):
                 raise DataError(f"{at_source('path')}: file {source_path} not found")
-        sources.append(Source(entry["name"], source_path, weight, entry.get("max_samples"), embedded))
+        sources.append(Source(entry["name"], source_path, weight, entry.get("max_samples"), embedded, where_rule))
     return Mixture(phase=phase, name=os.path.splitext(os.path.basename(path))[0], sources=sources,
                    seed=data.get("seed", seed), validation_fraction=fraction, num_samples=data.get("num_samples"),
                    max_bad_fraction=bad_fraction, origin=path)
+
+
+def check_where(where: dict | None, at: str) -> dict | None:
+    """A source's `where` as {field: [values]} (a single value becomes a list of one); DataError naming `at`."""
+    if where is None:
+        return None
+    if not where:
+        raise DataError(f"{at} is empty: give at least one field, e.g. where: {{task: arithmetic}}")
+    rule = {}
+    for name, allowed in where.items():
+        values = allowed if isinstance(allowed, list) else [allowed]
+        if not isinstance(name, str) or not name or not values or \
+                not all(isinstance(v, SCALARS) for v in values):
+            raise DataError(f"{at}: {name!r}: {allowed!r} must map a field name to a value or a list of values "
+                            f"(strings, numbers, booleans)")
+        rule[name] = values
+    return rule
+
+
+def field_value(row: dict, name: str):
+    """row["meta"]["level"] for name "meta.level"; a missing field reads as MISSING."""
+    value = row
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
+
+
+MISSING = object()
+
+
+def select_rows(rows: list[dict], where: dict | None) -> list[dict]:
+    """The rows whose every `where` field holds one of its allowed values (all rows when where is None). Values
+    compare as Python values: YAML's 2 matches a row's 2, not "2"; True never matches 1."""
+    if where is None:
+        return rows
+
+    def allowed(value, values) -> bool:
+        return value is not MISSING and any(type(value) is type(v) and value == v or
+                                            {type(value), type(v)} == {int, float} and value == v for v in values)
+    return [row for row in rows if all(allowed(field_value(row, name), values) for name, values in where.items())]
 
 
 def single_file_mixture(path: str, phase: str, seed: int) -> Mixture:
@@ -310,10 +358,14 @@ def prepare_mixture(mixture: Mixture, prepared_dir: str, tokenizer=None) -> Prep
     check_mixture(mixture)
     train, val, per_source = [], [], []
     read = [read_source(s, mixture.phase, mixture.max_bad_fraction) for s in mixture.sources]
-    pools = []
+    pools, selected = [], []      # selected: rows each source's `where` keeps
     for source, got in zip(mixture.sources, read):
         rng = random.Random(f"{mixture.seed}/{source.name}")
-        rows = list(got.rows)
+        rows = select_rows(got.rows, source.where)
+        if not rows:
+            raise DataError(f"{mixture.origin}: source {source.name!r}: where {source.where} keeps none of the "
+                            f"{len(got.rows)} rows of {source.path}")
+        selected.append(len(rows))
         rng.shuffle(rows)
         if source.max_samples is not None:
             rows = rows[:source.max_samples]
@@ -327,14 +379,15 @@ def prepare_mixture(mixture: Mixture, prepared_dir: str, tokenizer=None) -> Prep
         pools.append((rows[n_val:], n_val, rng))
     total = mixture.num_samples or sum(len(pool) for pool, _, _ in pools)
     counts = shares([s.weight for s in mixture.sources], total)
-    for source, got, (pool, n_val, rng), count in zip(mixture.sources, read, pools, counts):
+    for source, got, (pool, n_val, rng), count, kept in zip(mixture.sources, read, pools, counts, selected):
         tokens = count_tokens(mixture.phase, pool, tokenizer)
         repeats, remainder = divmod(count, len(pool))
         chosen = list(range(len(pool))) * repeats + rng.sample(range(len(pool)), remainder)
         train += [{**pool[i], "source": source.name} for i in chosen]
         per_source.append({"name": source.name, "path": source.path, "weight": source.weight,
                            "target_share": source.weight / sum(s.weight for s in mixture.sources),
-                           "rows_available": len(got.rows), "rows_skipped": got.bad, "train_rows": count,
+                           "rows_available": len(got.rows), "rows_skipped": got.bad,
+                           "rows_selected": kept, "train_rows": count,
                            "val_rows": n_val, "epochs_of_source": count / len(pool),
                            "train_tokens": sum(tokens[i] for i in chosen)})
     random.Random(f"{mixture.seed}/train").shuffle(train)
@@ -392,6 +445,8 @@ def format_summary(summary: dict) -> str:
              + f", {summary['val_rows']:,} validation rows"]
     for s in summary["sources"]:
         skipped = f", {s['rows_skipped']} malformed rows skipped" if s["rows_skipped"] else ""
+        if s.get("rows_selected", s["rows_available"]) < s["rows_available"]:
+            skipped += f", {s['rows_selected']:,} of {s['rows_available']:,} rows selected by where"
         lines.append(f"  {s['name']:<16} weight {s['weight']:g} -> {s['realised_share']:.1%} of rows "
                      f"({s['train_rows']:,} rows, {s['train_tokens']:,} tokens, {s['epochs_of_source']:.2f}x "
                      f"the source{skipped}), {s['val_rows']:,} held out")

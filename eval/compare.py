@@ -9,6 +9,12 @@ worse on every task and better on at least one; the Pareto frontier holds the mo
 Dominance is judged on the tasks every file evaluated (the others are shown, not judged) and on point estimates:
 the table's 80% intervals say how much of a difference the sample sizes can resolve. Settings that differ between
 files (temperature, num_samples, ...) are listed, since they make accuracies incomparable.
+
+Paired changes: where the files hold per-problem scores (evaluate.py writes them), every pair of models, in the
+files' order, is compared problem by problem on the problems both evaluated: +gained/-lost counts the problems the
+later model scores higher/lower, and p is the two-sided exact sign test (McNemar's exact test for 0/1 scores). A
+pairing sees what two independent intervals cannot: two models that differ on few problems differ significantly
+even when their intervals overlap. "all" pools every common task's problems.
 """
 
 import argparse
@@ -18,7 +24,7 @@ import os
 import sys
 
 from eval.cli import OneLineParser, UsageError, run_cli
-from eval.stats import dominance_pairs, pareto_frontier
+from eval.stats import dominance_pairs, paired_changes, pareto_frontier
 
 INTERVAL = "ci80"
 COMPARED_SETTINGS = ("num_samples", "samples_per_problem", "temperature", "top_k", "top_p", "min_p",
@@ -115,7 +121,42 @@ def compare(results: dict[str, dict]) -> dict:
         accuracies = {name: {task: r["tasks"][task]["accuracy"] for task in common} for name, r in results.items()}
         comparison["dominates"] = [list(pair) for pair in dominance_pairs(accuracies)]
         comparison["frontier"] = pareto_frontier(accuracies)
+    comparison["paired"] = paired_comparisons(results, common)
     return comparison
+
+
+def per_problem(result: dict, task: str) -> dict | None:
+    """{question: score} of a task, when the file holds them as numbers (older files do not)."""
+    scores = result["tasks"][task].get("per_problem")
+    if isinstance(scores, dict) and scores and all(is_number(v) for v in scores.values()):
+        return scores
+    return None
+
+
+def paired_comparisons(results: dict[str, dict], tasks: list[str]) -> list[dict]:
+    """[{"before", "after", "tasks": {task or "all": paired_changes}}] for every pair of models (files' order) on the
+    common tasks whose per-problem scores both files hold; [] when none do."""
+    names, pairs = list(results), []
+    for i, before in enumerate(names):
+        for after in names[i + 1:]:
+            changes, pooled_before, pooled_after = {}, {}, {}
+            for task in tasks:
+                a, b = per_problem(results[before], task), per_problem(results[after], task)
+                if a is None or b is None:
+                    continue
+                changes[task] = paired_changes(a, b)
+                pooled_before.update({(task, q): v for q, v in a.items()})
+                pooled_after.update({(task, q): v for q, v in b.items()})
+            if len(changes) > 1:
+                changes["all"] = paired_changes(pooled_before, pooled_after)
+            if changes:
+                pairs.append({"before": before, "after": after, "tasks": changes})
+    return pairs
+
+
+def line_of(cells: list[str], widths: list[int]) -> str:
+    """A table line: first column left-aligned, the others right-aligned."""
+    return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(cells, widths))).rstrip()
 
 
 def format_comparison(c: dict) -> str:
@@ -144,6 +185,15 @@ def format_comparison(c: dict) -> str:
                 f"{b} dominates {a}" if (b, a) in dominating else "neither dominates"
             out.append(f"  {a} vs {b}: {verdict}")
     out.append(f"Pareto frontier: {', '.join(c['frontier'])}")
+    if c.get("paired"):
+        columns = list(c["paired"][0]["tasks"])
+        header = ["change", *columns]
+        rows = [[f"{p['before']} -> {p['after']}",
+                 *(f"+{x['gained']}/-{x['lost']} p={x['p']:.2g}" if (x := p["tasks"].get(t)) else "-"
+                   for t in columns)] for p in c["paired"]]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        out.append("\npaired on the same problems: +problems gained/-lost, exact sign test p (McNemar)")
+        out += [line_of(header, widths), *(line_of(r, widths) for r in rows)]
     for key, values in c["differing_settings"].items():
         out.append(f"note: settings differ, {key}: " + ", ".join(f"{n} {json.dumps(v)}" for n, v in values.items()))
     return "\n".join(out)

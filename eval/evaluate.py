@@ -9,7 +9,8 @@
         --task_weights arithmetic=1,sat=3                                   # weighted aggregate
 
 Tasks (eval/tasks; options after ":", e.g. sat:n_vars=6): arithmetic, sat, sort, countdown. Problems are the
-held-out ones of --eval_seed (default eval/tasks EVAL_SEED), never seen in training data. Per task: accuracy
+held-out ones of --eval_seed (default eval/tasks EVAL_SEED), never seen in training data, and distinct: a task
+whose held-out partition is smaller than --num_samples is evaluated on all of it (arithmetic:level=1 holds 12). Per task: accuracy
 (fraction of samples scoring 1), its 80% interval (Jeffreys: equal-tailed interval of the Beta(0.5 + successes,
 0.5 + failures) posterior, problems as the independent draws), mean/std/median score, success rate (score > 0),
 unbiased pass@k for k = 1, 2, 4, ..., K when --samples_per_problem K > 1, and the fraction of answers that ended
@@ -203,7 +204,12 @@ def main(argv=None) -> dict:
               "tasks": {name: results[name] for name in args.tasks}, "aggregate": results[AGGREGATE],
               "seconds": time.perf_counter() - started}
     k = args.samples_per_problem
-    print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} | {args.num_samples} held-out problems per task"
+    for name in args.tasks:
+        if report["tasks"][name]["num_samples"] < args.num_samples:
+            print(f"note: {name} holds only {report['tasks'][name]['num_samples']} distinct held-out problems "
+                  f"(--num_samples {args.num_samples}); all of them are evaluated")
+    print(f"{args.model}{' + ' + args.adapter if args.adapter else ''} | up to {args.num_samples} distinct held-out "
+          f"problems per task"
           f"{f' x {k} samples' if k > 1 else ''} | "
           f"{'learned decoding' if args.learned_decoding else f'temperature {args.temperature:g}'} | "
           f"eval_seed {args.eval_seed} | "

@@ -273,3 +273,25 @@ def pareto_frontier(results: Mapping[str, Mapping[str, float]]) -> list[str]:
 def dominance_pairs(results: Mapping[str, Mapping[str, float]]) -> list[tuple[str, str]]:
     """Every (a, b) such that a dominates b, in the input's order."""
     return [(a, b) for a in results for b in results if a != b and dominates(results[a], results[b])]
+
+
+def sign_test(gained: int, lost: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test when scores are 0/1): the p-value of `gained` problems
+    scoring higher and `lost` lower under a second model when either is equally likely, ties dropped:
+    p = min(1, 2 * P[X <= min(gained, lost)]), X ~ Binomial(gained + lost, 1/2)."""
+    if gained < 0 or lost < 0:
+        raise ValueError(f"sign_test: counts must be >= 0, got {gained}, {lost}")
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_changes(before: Mapping[str, float], after: Mapping[str, float]) -> dict:
+    """Two models' per-problem scores on the same problems ({question: score}, the problems both hold):
+    {"problems", "gained" (scored higher after), "lost" (lower), "p" (sign_test)}."""
+    shared = [q for q in before if q in after]
+    gained = sum(after[q] > before[q] for q in shared)
+    lost = sum(after[q] < before[q] for q in shared)
+    return {"problems": len(shared), "gained": gained, "lost": lost, "p": sign_test(gained, lost)}
+

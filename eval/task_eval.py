@@ -64,9 +64,11 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new_tok
 
 
 def held_out_prompts(tokenizer, task_name: str, num_samples: int, eval_seed: int = EVAL_SEED):
-    """(task, problems, prompt ids) of num_samples held-out problems of a task."""
+    """(task, problems, prompt ids) of num_samples distinct held-out problems of a task (all the task has when that
+    is fewer: arithmetic:level=1 holds 12). Distinct, because a repeated problem adds no information under greedy
+    decoding yet counts as a new draw in the interval."""
     task = get_task(task_name)
-    problems = task.make_problems(num_samples, eval_seed)
+    problems = task.make_problems(num_samples, eval_seed, distinct=True)
     return task, problems, [tokenizer.chat_prompt_ids(problem.messages()) for problem in problems]
 
 
@@ -79,8 +81,8 @@ def evaluate_task(model, tokenizer, task, problems, prompts: list[list[int]], sa
     samples_per_problem completions each.
 
     Adds "finished_rate" (fraction of completions that stopped at EOS rather than at max_new_tokens),
-    "distinct_problems" (a small problem space, e.g. arithmetic:level=1, repeats problems: the interval then counts
-    a repeat as a new draw) and "seconds".
+    "distinct_problems" (equal to num_samples for held_out_prompts' problems, which never repeat), "per_problem"
+    ({question: mean score}, which eval/compare.py pairs across models) and "seconds".
     keep_samples: also return "samples", one {"id", "question", "completion", "score"} per completion.
     """
     started = time.perf_counter()
@@ -94,6 +96,8 @@ def evaluate_task(model, tokenizer, task, problems, prompts: list[list[int]], sa
     summary = summarize(scores, level)
     summary["finished_rate"] = sum(finished) / len(finished)
     summary["distinct_problems"] = len({problem.question for problem in problems})
+    # each problem's mean score by question: eval/compare.py pairs two models' results on the same problems
+    summary["per_problem"] = {problem.question: sum(s) / len(s) for problem, s in zip(problems, scores)}
     summary["seconds"] = time.perf_counter() - started
     if keep_samples:
         summary["samples"] = [{"id": problems[p].id, "question": problems[p].question, "completion": text,

@@ -16,7 +16,7 @@ import pytest
 
 from dataset import formats
 from dataset.jsonl import DataError, iter_rows, read_jsonl
-from dataset.mixer import load_mixture, load_prepared, prepare_mixture, resolve_mixture, shares
+from dataset.mixer import format_summary, load_mixture, load_prepared, prepare_mixture, resolve_mixture, shares
 from dataset.pretokenize import PackedTokenDataset, build_token_cache
 from model.checkpoint import load_tokenizer
 from model.tokenizer import render_chat_text
@@ -206,6 +206,30 @@ def test_max_samples_and_default_size(tmp_path):
     assert len({r["text"] for r in train if r["source"] == "a"}) == 20  # only 20 rows of a, each 3 times
 
 
+def test_where_selects_rows_by_field_before_sampling(tmp_path):
+    rows = [{"prompt": f"q{i}", "task": "arithmetic" if i % 2 else "sat", "meta": {"level": i % 4}}
+            for i in range(40)]
+    path = write_rows(tmp_path / "prompts.jsonl", rows)
+
+    def prepared(where: str):
+        config = write_yaml(tmp_path / "mix.yaml", f"""\
+            phase: rlaif
+            validation_fraction: 0
+            sources: [{{name: p, path: {path}, weight: 1, where: {where}}}]
+        """)
+        data = prepare_mixture(load_mixture(config, "rlaif", 0), str(tmp_path / "prepared"))
+        return [json.loads(line) for line in open(data.train_file)], data.summary
+
+    train, summary = prepared("{meta.level: [1, 2]}")        # a nested field, a list of values
+    assert sorted(int(r["messages"][0]["content"][1:]) for r in train) == [i for i in range(40) if i % 4 in (1, 2)]
+    assert summary["sources"][0]["rows_selected"] == 20 and summary["sources"][0]["rows_available"] == 40
+    assert "20 of 40 rows selected by where" in format_summary(summary)
+    train, _ = prepared("{task: arithmetic, meta.level: 3}")  # every condition holds; a single value
+    assert sorted(int(r["messages"][0]["content"][1:]) for r in train) == [i for i in range(40) if i % 4 == 3]
+    with pytest.raises(DataError, match="where {'meta.level': \\['1'\\]} keeps none of the 40 rows"):
+        prepared("{meta.level: ['1']}")                       # values compare as typed: '1' is not 1
+
+
 @pytest.mark.parametrize("body, message", [
     ("phase: pretrain\nsources: []\n", "key 'sources' is empty"),
     ("phase: pretraining\nsources: [{name: a, path: A, weight: 1}]\n", "line 1: key 'phase': unknown phase"),
@@ -221,6 +245,12 @@ def test_max_samples_and_default_size(tmp_path):
     ("phase: pretrain\nsources:\n  - {name: a, weight: 1}\n", "give exactly one of 'path' and 'embedded'"),
     ("phase: pretrain\nsources:\n  - {name: a, embedded: wiki, weight: 1}\n", "unknown embedded file 'wiki'"),
     ("phase: pretrain\nshuffle: true\nsources: []\n", "line 2: key 'shuffle' is unknown"),
+    ("phase: pretrain\nsources:\n  - name: a\n    path: A\n    weight: 1\n    where: {}\n",
+     "line 6: sources[0] key 'where' is empty"),
+    ("phase: pretrain\nsources:\n  - name: a\n    path: A\n    weight: 1\n    where: {meta: {level: 2}}\n",
+     "line 6: sources[0] key 'where': 'meta': {'level': 2} must map a field name to a value or a list"),
+    ("phase: pretrain\nsources:\n  - name: a\n    path: A\n    weight: 1\n    where: task\n",
+     "line 6: sources[0] key 'where' must be dict"),
     ("phase: pretrain\nvalidation_fraction: 1.5\nsources: [{name: a, path: A, weight: 1}]\n",
      "line 2: key 'validation_fraction' must be in [0, 1)"),
     ("phase: pretrain\nsources: [{name: a, path: A, weight: 1\n", "not valid YAML"),

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import beta as scipy_beta
 
 from eval.stats import (beta_cdf, beta_ppf, dominance_pairs, dominates, interval_key, jeffreys_interval,
-                        pareto_frontier, pass_at_k, pass_at_k_values, summarize, weighted_aggregate)
+                        pareto_frontier, pass_at_k, pass_at_k_values, summarize, weighted_aggregate, paired_changes, sign_test)
 
 
 @pytest.mark.parametrize("a,b", [(0.5, 0.5), (0.5, 20.5), (20.5, 0.5), (3.5, 7.5), (1.0, 1.0), (150.5, 350.5),
@@ -154,3 +154,21 @@ def test_pareto_dominance_and_frontier_on_hand_made_results():
     assert dominates({"x": 0.9, "y": 0.9, "z": 0.2}, {"x": 0.1, "y": 0.1, "z": 0.2})
     with pytest.raises(ValueError, match="different tasks"):
         dominates({"x": 1.0}, {"y": 1.0})
+
+
+def test_sign_test_hand_computed():
+    # n = 10 changed problems, 2 gained: P[X <= 2] = (1 + 10 + 45) / 1024, two-sided doubles it
+    assert sign_test(2, 8) == pytest.approx(112 / 1024) and sign_test(8, 2) == sign_test(2, 8)
+    assert sign_test(5, 0) == pytest.approx(2 / 32)          # 5 of 5 one way: 2 * (1/2)^5
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0  # nothing changed, or an even split
+    assert sign_test(113, 80) == pytest.approx(0.02099, abs=5e-5)   # the GRPO level-2 change in the README
+    with pytest.raises(ValueError):
+        sign_test(-1, 2)
+
+
+def test_paired_changes_count_only_shared_problems():
+    before = {"q1": 0.0, "q2": 1.0, "q3": 1.0, "q4": 0.0, "only_before": 1.0}
+    after = {"q1": 1.0, "q2": 1.0, "q3": 0.0, "q4": 0.5, "only_after": 0.0}
+    changes = paired_changes(before, after)
+    assert changes == {"problems": 4, "gained": 2, "lost": 1, "p": sign_test(2, 1)}
+    assert sign_test(2, 1) == 1.0

@@ -341,6 +341,33 @@ def test_compare_table_dominance_and_frontier(tmp_path):
     assert named["dominates"] == [["first", "second"]] and named["frontier"] == ["first"]
 
 
+def test_compare_pairs_models_problem_by_problem(tmp_path):
+    def with_scores(path, scores: dict[str, dict[str, float]]):
+        data = json.loads(Path(path).read_text())
+        for task, per_problem in scores.items():
+            data["tasks"][task]["per_problem"] = per_problem
+        Path(path).write_text(json.dumps(data))
+        return path
+
+    # level=2: 10 problems; sft gets q0-q3 right, grpo gains q4-q9 and loses q0 -> +6/-1
+    sft_l2 = {f"q{i}": float(i < 4) for i in range(10)}
+    grpo_l2 = {f"q{i}": float(i >= 1) for i in range(10)}
+    a = with_scores(result_file(tmp_path / "sft.json", "out/sft", {"l2": 0.4, "l3": 0.5}),
+                    {"l2": sft_l2, "l3": {"x": 1.0, "y": 0.0}})
+    b = with_scores(result_file(tmp_path / "grpo.json", "out/grpo", {"l2": 0.9, "l3": 0.5}),
+                    {"l2": grpo_l2, "l3": {"x": 0.0, "y": 1.0}})
+    c = result_file(tmp_path / "old.json", "out/old", {"l2": 0.5, "l3": 0.5})      # an older file: no scores
+    result = compare.main([a, b, c])
+    assert len(result["paired"]) == 1                                   # the pairs with old.json have no scores
+    pair = result["paired"][0]
+    assert (pair["before"], pair["after"]) == ("sft", "grpo")
+    assert pair["tasks"]["l2"] == {"problems": 10, "gained": 6, "lost": 1, "p": pytest.approx(16 / 128)}
+    assert pair["tasks"]["l3"] == {"problems": 2, "gained": 1, "lost": 1, "p": 1.0}
+    assert pair["tasks"]["all"]["gained"] == 7 and pair["tasks"]["all"]["lost"] == 2   # pooled over both tasks
+    r = run_script("eval/compare.py", a, b)
+    assert "sft -> grpo" in r.stdout and "+6/-1 p=0.12" in r.stdout and "+7/-2" in r.stdout, r.stdout
+
+
 def test_compare_bad_input(tmp_path, capsys):
     good = result_file(tmp_path / "good.json", "m", {"sat": 0.5})
     (tmp_path / "broken.json").write_text('{"tasks": {"sat": {"accuracy": 0.5,')

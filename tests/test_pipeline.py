@@ -52,6 +52,9 @@ def test_short_pipeline_trains_evaluates_and_compares_every_stage(tmp_path):
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 4 and table[2].startswith("| pretrain | ") and table[3].startswith("| sft | ")
     assert "Pareto frontier" in r.stdout and (out / "eval" / "compare.json").exists()
+    paired = json.loads((out / "eval" / "compare.json").read_text())["paired"]     # the same 8 problems, paired
+    assert [(p["before"], p["after"], p["tasks"]["arithmetic"]["problems"]) for p in paired] == [("pretrain", "sft", 8)]
+    assert "pretrain -> sft" in r.stdout
 
     again = pipeline("--config", str(config), "--out_dir", str(out), "--stages", "sft")
     assert again.returncode == 0, again.stderr

@@ -256,3 +256,37 @@ def test_no_held_out_problem_in_the_embedded_training_data(embedded):
     assert len({p.question for p in task.make_problems(500, training_seed(2))} & trained) > 20          # sft
     sat = get_task("sat")
     assert {p.question for p in sat.make_problems(50, training_seed(0))} & text_questions              # multi-line
+
+
+# ---- distinct evaluation problems ----
+
+def test_distinct_problems_never_repeat_and_exhaust_small_spaces_exactly():
+    # enumerate the whole question space of levels 1 and 3 and count its held-out questions by hand
+    level1 = {f"What is {a} + {b}?" for a in range(10) for b in range(10)} | \
+             {f"What is {a} - {b}?" for a in range(10) for b in range(a + 1)}
+    level3 = {f"What is {a} * {b}?" for a in range(10, 100) for b in range(2, 10)} | \
+             {f"What is {b} * {a}?" for a in range(10, 100) for b in range(2, 10)}
+    assert len(level1) == 155 and len(level3) == 1440
+    for name, space in (("arithmetic:level=1", level1), ("arithmetic:level=3", level3)):
+        held_out = {q for q in space if is_held_out("arithmetic", q)}
+        problems = get_task(name).make_problems(2000, EVAL_SEED, distinct=True)
+        questions = [p.question for p in problems]
+        assert len(questions) == len(set(questions))                     # no repeats
+        assert set(questions) == held_out                                 # all of them, and only held-out ones
+    assert len({q for q in level1 if is_held_out("arithmetic", q)}) == 12
+    # a large space gives exactly n, deterministically; independent draws of a small space repeat
+    first = get_task("arithmetic:level=2").make_problems(500, EVAL_SEED, distinct=True)
+    assert len({p.question for p in first}) == 500
+    assert [p.question for p in get_task("arithmetic:level=2").make_problems(500, EVAL_SEED, distinct=True)] == \
+        [p.question for p in first]
+    repeated = get_task("arithmetic:level=1").make_problems(100, EVAL_SEED)
+    assert len(repeated) == 100 and len({p.question for p in repeated}) == 12
+
+
+def test_evaluation_prompts_are_distinct():
+    from eval.task_eval import held_out_prompts
+    from model.checkpoint import load_tokenizer
+    from model.config import REPO_ROOT
+    tokenizer = load_tokenizer(f"{REPO_ROOT}/dataset/tokenizer")
+    _, problems, prompts = held_out_prompts(tokenizer, "arithmetic:level=1", 50)
+    assert len(problems) == len(prompts) == 12 == len({p.question for p in problems})

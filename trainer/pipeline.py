@@ -2,7 +2,7 @@
 
 Commands, from the repository root after `pip install -r requirements.txt -e .`:
 
-    # the default (config/pipeline/default.yaml): the mini model on the embedded data, CPU, under 20 minutes
+    # the default (config/pipeline/default.yaml): the mini model on the embedded data, CPU, 19 to 27 minutes
     python trainer/pipeline.py
 
     # some stages only (a stage whose output exists is skipped unless --force; later stages start from it)
@@ -142,7 +142,8 @@ def tail(path: str, lines: int = 5) -> str:
 
 
 def results_table(out_dir: str, stages: list[str]) -> str:
-    """Markdown table: accuracy [80% interval] of every task per stage."""
+    """Markdown table: accuracy [80% interval] of every task per stage, and of all their problems pooled."""
+    from eval.stats import jeffreys_interval
     rows, tasks = [], []
     for stage in stages:
         path = os.path.join(out_dir, "eval", f"{stage}.json")
@@ -150,12 +151,20 @@ def results_table(out_dir: str, stages: list[str]) -> str:
             continue
         with open(path) as f:
             result = json.load(f)
-        tasks = tasks or list(result["tasks"])
-        cells = [f"{result['tasks'][t]['accuracy']:.3f} [{result['tasks'][t]['ci80'][0]:.3f}, "
-                 f"{result['tasks'][t]['ci80'][1]:.3f}]" for t in tasks]
-        rows.append(f"| {stage} | " + " | ".join(cells) + f" | {result['tasks'][tasks[0]]['num_samples']} |")
-    header = "| stage | " + " | ".join(f"{t} accuracy [80% interval]" for t in tasks) + " | problems |"
-    return "\n".join([header, "|" + " --- |" * (len(tasks) + 2), *rows])
+        tasks = tasks or [(t, s["num_samples"]) for t, s in result["tasks"].items()]
+        summaries = [result["tasks"][t] for t, _ in tasks]
+        cells = [f"{s['accuracy']:.3f} [{s['ci80'][0]:.3f}, {s['ci80'][1]:.3f}]" for s in summaries]
+        if len(tasks) > 1:   # every problem of every task as one sample (greedy: one completion a problem)
+            right = sum(s["accuracy"] * s["num_samples"] for s in summaries)
+            total = sum(s["num_samples"] for s in summaries)
+            low, high = jeffreys_interval(right, total - right)
+            cells.append(f"{right / total:.3f} [{low:.3f}, {high:.3f}]")
+        rows.append(f"| {stage} | " + " | ".join(cells) + " |")
+    names = [f"{t} ({n} problems)" for t, n in tasks]
+    if len(tasks) > 1:
+        names.append(f"all {sum(n for _, n in tasks)} pooled")
+    header = "| stage | " + " | ".join(names) + " |"
+    return "\n".join([header, "|" + " --- |" * (len(names) + 1), *rows])
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,8 @@ Subtraction in levels 1 and 2 never goes below zero (the larger operand comes fi
 The think part reduces the expression one operation at a time (innermost parentheses first, then left to right),
 written without spaces to stay short: with the shipped tokenizer (one token per digit and per tag) a response is
 ~18 tokens on average and under 40 at level 4.
-Level 1 has only 155 distinct problems, of which 1 in 10 is held out (eval/tasks/base.py): a level-1 evaluation
-repeats those ~15 problems, all of them unseen in training.
+Level 1 has only 155 distinct problems, of which 12 fall in the held-out partition (eval/tasks/base.py), and level 3
+has 1440, of which 152 are held out: an evaluation (distinct problems) of those levels uses all of them, once each.
 The answer is an integer, compared as an integer ("042" and "+42" equal 42; "42.0" and "42 apples" score 0).
 """
 

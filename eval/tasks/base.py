@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 EVAL_SEED = 1234                # the seed of the held-out problems evaluation uses by default
 TRAIN_SEED_BASE = 1_000_000     # training seeds are TRAIN_SEED_BASE + i; every seed below it is an evaluation seed
 HELD_OUT_BUCKETS = 10           # one question in HELD_OUT_BUCKETS (by hash) is held out for evaluation
+EXHAUSTED_AFTER = 20_000        # make_problems(distinct=True): draws in a row without a new question = all found
 
 
 class ProblemSpaceError(ValueError):
@@ -137,25 +138,37 @@ class Task(ABC):
         return f"<task {self.name}>"
 
     # ---- generation ----
-    def make_problems(self, n: int, seed: int) -> list[Problem]:
+    def make_problems(self, n: int, seed: int, distinct: bool = False) -> list[Problem]:
         """n problems drawn deterministically from `seed`: held-out ones for an evaluation seed, training ones for a
-        training seed (see the module docstring). Problems are drawn independently, so a small problem space can
-        repeat a problem."""
+        training seed (see the module docstring).
+
+        distinct=False draws problems independently, so a small problem space repeats problems (training data).
+        distinct=True (evaluation) never returns the same question twice; when the partition holds fewer than n
+        questions it returns all it finds, fewer than n: the draw stops after EXHAUSTED_AFTER draws in a row bring
+        nothing new (arithmetic:level=1 holds 15 held-out questions, arithmetic:level=3 about 144).
+        """
         rng = random.Random(f"{self.name}/{seed}")
         want_held_out = not is_training_seed(seed)
-        problems, attempts = [], 0
+        problems, seen, attempts, fruitless = [], set(), 0, 0
         while len(problems) < n:
             attempts += 1
-            if attempts > 1000 * (n + 10):
+            if distinct and fruitless >= EXHAUSTED_AFTER and problems:
+                break
+            if attempts > 1000 * (n + 10) + EXHAUSTED_AFTER:
                 raise ProblemSpaceError(f"task {self.name}: could not draw {n} problems of the "
                                  f"{'held-out' if want_held_out else 'training'} partition (problem space too small)")
             problem = self.sample_problem(rng)    # question, answer, meta; task and id are set here
+            fruitless += 1
             if is_held_out(self.family, problem.question) != want_held_out:
+                continue
+            if distinct and problem.question in seen:
                 continue
             if not self.accept(problem):
                 continue
             problem.task, problem.id = self.name, f"{self.name}/{seed}/{len(problems)}"
             problems.append(problem)
+            seen.add(problem.question)
+            fruitless = 0
         return problems
 
     @abstractmethod
