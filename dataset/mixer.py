@@ -236,9 +236,11 @@ def select_rows(rows: list[dict], where: dict | None) -> list[dict]:
     if where is None:
         return rows
 
+    def kind(x):   # ints and floats compare as numbers; a bool or a string only with its own type
+        return float if type(x) is int else type(x)
+
     def allowed(value, values) -> bool:
-        return value is not MISSING and any(type(value) is type(v) and value == v or
-                                            {type(value), type(v)} == {int, float} and value == v for v in values)
+        return value is not MISSING and any(kind(value) is kind(v) and value == v for v in values)
     return [row for row in rows if all(allowed(field_value(row, name), values) for name, values in where.items())]
 
 

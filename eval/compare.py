@@ -166,10 +166,7 @@ def format_comparison(c: dict) -> str:
                      if (cell := c["table"][name].get(task)) else "-" for task in c["tasks"])] for name in names]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
-    def line(cells):   # first column left-aligned, numbers right-aligned
-        return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(cells, widths))).rstrip()
-
-    out = ["accuracy [80% interval] per task", line(header), *(line(r) for r in rows), ""]
+    out = ["accuracy [80% interval] per task", line_of(header, widths), *(line_of(r, widths) for r in rows), ""]
     for name, where in c["models"].items():
         out.append(f"{name}: {where['model']}{' + ' + where['adapter'] if where.get('adapter') else ''}")
     if not c["common_tasks"]:
