@@ -31,6 +31,25 @@ def run_script(script: str, *args: str, ranks: int = 1, timeout: int = 600,
                           env={**script_env(), **(env or {})})
 
 
+def pytest_collection_modifyitems(config, items):
+    """Order the test files for pytest-xdist, which hands whole files to the workers in this order (--dist loadfile
+    and --no-loadscope-reorder, pyproject.toml): first one file that needs trained_checkpoints, so that one worker
+    trains it while the others run the files that do not need it (those with a slow-marked test first); the other
+    files that need it come last, when it is ready, instead of workers waiting on its lock."""
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+    needs = [path for path, tests in files.items()
+             if any("trained_checkpoints" in getattr(t, "fixturenames", ()) for t in tests)]
+
+    def rank(path) -> float:
+        if path in needs:
+            return 0 if path == needs[0] else 2
+        return 1 if any(t.get_closest_marker("slow") for t in files[path]) else 1.5
+
+    items[:] = [item for path in sorted(files, key=rank) for item in files[path]]
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoints(tmp_path_factory) -> dict[str, str]:
     """{"pretrain": DIR, "sft": DIR, "prepared": DIR}: the tiny model after a short pretraining and SFT."""
