@@ -61,6 +61,19 @@ def test_short_pipeline_trains_evaluates_and_compares_every_stage(tmp_path):
     assert "sft: skipped" in again.stdout and "pretrain" not in again.stdout.split("\n")[1]
 
 
+def test_dry_run_prints_the_default_commands_and_dtype_overrides_every_stage(tmp_path):
+    r = pipeline("--dry_run", "--out_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    commands = [line for line in r.stdout.splitlines() if ": python trainer/" in line]
+    assert [c.split()[:2] for c in commands] == [["[1/4]", "pretrain:"], ["[2/4]", "sft:"], ["[3/4]", "dpo:"],
+                                                 ["[4/4]", "grpo:"]]
+    assert all("--dtype bfloat16" in c for c in commands)          # the default config's dtype
+    assert f"--init_from {tmp_path}/sft/final" in commands[2] and not list(tmp_path.iterdir())   # nothing written
+    r = pipeline("--dry_run", "--out_dir", str(tmp_path), "--dtype", "float32")
+    commands = [line for line in r.stdout.splitlines() if ": python trainer/" in line]
+    assert len(commands) == 4 and all("--dtype float32" in c and "bfloat16" not in c for c in commands)
+
+
 def test_pipeline_errors_are_one_line(tmp_path):
     r = pipeline("--stages", "pretrain,rlhf", "--out_dir", str(tmp_path))
     assert r.returncode == 2 and r.stderr.startswith("error: --stages: unknown stage(s) ['rlhf']")
