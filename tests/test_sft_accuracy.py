@@ -24,6 +24,9 @@ def evaluate(model: str, out_json) -> dict:
 
 @pytest.mark.slow
 def test_sft_on_the_embedded_chat_data_raises_held_out_arithmetic_accuracy(tmp_path):
+    # the asset must speak the shipped tokenizer's ids: after a tokenizer change, rebuild it (tests/make_assets.py)
+    shipped = (REPO / "dataset" / "tokenizer" / "tokenizer.json").read_bytes()
+    assert (REPO / "tests" / "assets" / "mini-pretrained" / "tokenizer.json").read_bytes() == shipped
     r = run_script("train_sft.py", "--init_from", ASSET, "--out_dir", str(tmp_path / "sft"), "--prepared_dir",
                    str(tmp_path / "prepared"), "--max_steps", "100", "--batch_size", "16", "--max_seq_len", "128",
                    "--learning_rate", "3e-4", "--warmup_steps", "10", "--eval_interval", "0", "--eval_tasks", "",
