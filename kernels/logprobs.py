@@ -1,8 +1,9 @@
 """Fused linear log-probs: per-token log p(label) (and entropy) of softmax(hidden @ weight.T / T), differentiable.
 
 DPO, PPO, GRPO and SPO need log p(label) for every response token, and RL methods often the entropy too. Both are
-per-token outputs whose upstream gradients differ per token, so the forward keeps only the inputs and backward
-recomputes each chunk's logits (one extra matmul per chunk, no [N, V] tensor at any time).
+per-token outputs whose upstream gradients differ per token, so the forward keeps only the inputs and each row's
+logsumexp ([N] floats), and backward recomputes each chunk's logits (one extra matmul per chunk, no [N, V] tensor at
+any time); with the saved logsumexp, backward reads p = exp(s - lse) in one pass, without a max or a sum.
 
 With s = logits / T, lse = logsumexp(s), p = softmax(s), log p_j = s_j - lse, entropy E = -sum_j p_j log p_j:
     d log p_y / d s_j = [j = y] - p_j
@@ -19,22 +20,20 @@ from kernels.backend import accumulate_weight_grad, check_2d, check_labels, chun
 IGNORE_INDEX = -100
 
 
-def _exp_rows(logits, temperature):
-    """In place in one fp32 [C, V] buffer (the logits themselves when fp32): s = logits / T, then
-    e = exp(s - max). Returns (the buffer, now e, and row max [C, 1]); one exp pass, no other [C, V] tensor."""
+def _scaled_rows(logits, temperature):
+    """s = logits / T in one fp32 [C, V] buffer (the logits themselves when fp32), in place."""
     s = logits if logits.dtype == torch.float32 else logits.float()         # [C, V]
-    if temperature != 1.0:
-        s.div_(temperature)
-    row_max = s.amax(dim=-1, keepdim=True)                                   # [C, 1]
-    row_max.masked_fill_(~torch.isfinite(row_max), 0.0)
-    return s.sub_(row_max), row_max
+    return s.div_(temperature) if temperature != 1.0 else s
 
 
 def logprob_rows_torch(logits, labels, temperature, want_entropy):
-    """(log p(label) [C], entropy [C] or None), fp32, for logits [C, V] (which it uses as scratch space)."""
+    """(log p(label) [C], entropy [C] or None, lse [C]), fp32, for logits [C, V] (which it uses as scratch space)."""
     valid = labels != IGNORE_INDEX
     safe_labels = torch.where(valid, labels, 0).long()[:, None]              # [C, 1]
-    shifted, row_max = _exp_rows(logits, temperature)                         # [C, V] s - max
+    s = _scaled_rows(logits, temperature)                                    # [C, V]
+    row_max = s.amax(dim=-1, keepdim=True)                                   # [C, 1]
+    row_max.masked_fill_(~torch.isfinite(row_max), 0.0)
+    shifted = s.sub_(row_max)                                                # [C, V] s - max
     label_shifted = shifted.gather(1, safe_labels).squeeze(1)                # [C] s_y - max
     if want_entropy:
         e = shifted.exp()                                                    # [C, V]
@@ -46,25 +45,23 @@ def logprob_rows_torch(logits, labels, temperature, want_entropy):
         log_sum = shifted.exp_().sum(dim=-1).log()                           # [C]
         entropy = None
     token_logp = label_shifted - log_sum
-    return torch.where(valid, token_logp, torch.zeros_like(token_logp)), entropy
+    lse = row_max.squeeze(1) + log_sum                                       # [C], for the backward
+    return torch.where(valid, token_logp, torch.zeros_like(token_logp)), entropy, lse
 
 
-def logprob_grad_rows_torch(logits, labels, temperature, grad_logp, grad_entropy):
-    """Overwrite logits [C, V] with d(sum_i grad_logp_i log p_i(y_i) + grad_entropy_i E_i) / d logits."""
+def logprob_grad_rows_torch(logits, labels, temperature, lse, grad_logp, grad_entropy):
+    """Overwrite logits [C, V] with d(sum_i grad_logp_i log p_i(y_i) + grad_entropy_i E_i) / d logits, given each
+    row's logsumexp lse [C] from the forward."""
     valid = labels != IGNORE_INDEX
     safe_labels = torch.where(valid, labels, 0).long()[:, None]
     g = (torch.zeros(labels.shape, dtype=torch.float32, device=labels.device) if grad_logp is None
          else torch.where(valid, grad_logp.float(), 0.0))                    # [C]
-    shifted, _ = _exp_rows(logits, temperature)                              # [C, V] s - max
+    logp = _scaled_rows(logits, temperature).sub_(lse[:, None])              # [C, V] log p = s - lse
     if grad_entropy is None:                                                 # the common case, all in place
-        e = shifted.exp_()
-        grad = e.mul_((-g / e.sum(dim=-1))[:, None])                         # -g p
+        grad = logp.exp_().mul_(-g[:, None])                                 # -g p
     else:
         # d E / d s_j = -p_j (log p_j + E):  grad = -p (g + g_E (log p + E)) + g [j = y]
-        e = shifted.exp()                                                    # [C, V]
-        sum_e = e.sum(dim=-1, keepdim=True)
-        p = e.div_(sum_e)                                                    # [C, V]
-        logp = shifted.sub_(sum_e.log())                                     # [C, V]
+        p = logp.exp()                                                       # [C, V]
         entropy = -(p * logp).sum(dim=-1, keepdim=True)                      # [C, 1]
         grad = logp.add_(entropy).mul_(grad_entropy.float()[:, None]).add_(g[:, None]).mul_(p).neg_()
     grad.scatter_add_(1, safe_labels, g[:, None])
@@ -75,6 +72,8 @@ def logprob_grad_rows_torch(logits, labels, temperature, grad_logp, grad_entropy
 
 
 def _row_ops(backend):
+    """(forward row op, backward row op, fp32 bytes per logit the torch ops add): the forward returns
+    (log p(label) [C], entropy [C] or None, lse [C]); the backward overwrites the logits with their gradient."""
     if backend == "triton":
         from kernels.logprobs_triton import logprob_grad_rows_triton, logprob_rows_triton
         return logprob_rows_triton, logprob_grad_rows_triton, 0
@@ -90,6 +89,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
         N = hidden.shape[0]
         V = weight.shape[0]
         token_logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)     # saved for the backward
         entropy = torch.empty(N, dtype=torch.float32, device=hidden.device) if want_entropy else None
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)                                             # [V, H]
@@ -97,11 +97,12 @@ class FusedLinearLogprobs(torch.autograd.Function):
             for start in range(0, N, rows):
                 end = min(start + rows, N)
                 logits = hidden[start:end].to(dtype) @ w.T                   # [C, V]
-                chunk_logp, chunk_entropy = rows_op(logits, labels[start:end], temperature, want_entropy)
+                chunk_logp, chunk_entropy, chunk_lse = rows_op(logits, labels[start:end], temperature, want_entropy)
                 token_logp[start:end] = chunk_logp
+                lse[start:end] = chunk_lse
                 if want_entropy:
                     entropy[start:end] = chunk_entropy
-        ctx.save_for_backward(hidden, weight, labels)
+        ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.temperature, ctx.dtype, ctx.backend = temperature, dtype, backend
         ctx.set_materialize_grads(False)
         if want_entropy:
@@ -110,7 +111,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, weight, labels = ctx.saved_tensors
+        hidden, weight, labels, lse = ctx.saved_tensors
         _, grad_rows_op, extra_bytes = _row_ops(ctx.backend)
         N, H = hidden.shape
         V = weight.shape[0]
@@ -127,7 +128,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
                 end = min(start + rows, N)
                 h = hidden[start:end].to(ctx.dtype)                          # [C, H]
                 logits = h @ w.T                                             # [C, V]
-                grad_rows_op(logits, labels[start:end], ctx.temperature,
+                grad_rows_op(logits, labels[start:end], ctx.temperature, lse[start:end],
                              None if grad_logp is None else grad_logp[start:end],
                              None if grad_entropy is None else grad_entropy[start:end])
                 if grad_hidden is not None:

@@ -1,8 +1,9 @@
 """Triton row ops of the fused linear log-probs (same contracts as logprobs.logprob_rows_torch and
 logprobs.logprob_grad_rows_torch). One program per row; s = logits / T; all math in fp32.
 
-Forward: pass 1 online lse; log p(y) = s_y - lse; pass 2 (only for the entropy) E = -sum_j p_j (s_j - lse).
-Backward: the same passes, then pass 3 overwrites the row with
+Forward: pass 1 online lse (stored for the backward); log p(y) = s_y - lse; pass 2 (only for the entropy)
+E = -sum_j p_j (s_j - lse).
+Backward, given the forward's lse: pass 2 again for the entropy's gradient only, then one pass overwrites the row with
     (g_logp ([j = y] - p_j) - g_entropy p_j (log p_j + E)) / T
 """
 
@@ -44,13 +45,14 @@ def _row_entropy(row_ptr, V, inv_temperature, lse, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _logprob_rows_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, entropy_ptr, V, inv_temperature,
+def _logprob_rows_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, entropy_ptr, lse_ptr, V, inv_temperature,
                          WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != IGNORE_INDEX
     lse = _row_lse(row_ptr, V, inv_temperature, BLOCK_V)
+    tl.store(lse_ptr + row, lse)
     s_label = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32) * inv_temperature
     tl.store(logp_ptr + row, tl.where(valid, s_label - lse, 0.0))
     if WANT_ENTROPY:
@@ -58,14 +60,14 @@ def _logprob_rows_kernel(logits_ptr, stride_row, labels_ptr, logp_ptr, entropy_p
 
 
 @triton.jit
-def _logprob_grad_rows_kernel(logits_ptr, stride_row, labels_ptr, grad_logp_ptr, grad_entropy_ptr, V,
+def _logprob_grad_rows_kernel(logits_ptr, stride_row, labels_ptr, lse_ptr, grad_logp_ptr, grad_entropy_ptr, V,
                               inv_temperature, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
                               BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != IGNORE_INDEX
-    lse = _row_lse(row_ptr, V, inv_temperature, BLOCK_V)
+    lse = tl.load(lse_ptr + row)
     g_logp = 0.0
     if HAS_GRAD_LOGP:
         g_logp = tl.where(valid, tl.load(grad_logp_ptr + row).to(tl.float32), 0.0)
@@ -84,37 +86,39 @@ def _logprob_grad_rows_kernel(logits_ptr, stride_row, labels_ptr, grad_logp_ptr,
 
 
 def logprob_rows_triton(logits, labels, temperature, want_entropy):
-    """See logprobs.logprob_rows_torch: (log p(label) [C], entropy [C] or None), fp32."""
-    token_logp, entropy = _logprob_rows_op(logits, labels, temperature, want_entropy)
-    return token_logp, entropy if want_entropy else None
+    """See logprobs.logprob_rows_torch: (log p(label) [C], entropy [C] or None, lse [C]), fp32."""
+    token_logp, entropy, lse = _logprob_rows_op(logits, labels, temperature, want_entropy)
+    return token_logp, entropy if want_entropy else None, lse
 
 
 # torch.library custom ops, so that torch.compile keeps each launch as one opaque op
 @torch.library.custom_op("minitrain::logprob_rows", mutates_args=())
 def _logprob_rows_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                     want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(label) [C], entropy [C], or [0] when not wanted)."""
+                     want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(label) [C], entropy [C] (or [0] when not wanted), lse [C])."""
     C, V = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("logprob_rows_triton: logits rows must be contiguous")
     token_logp = torch.empty(C, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(C if want_entropy else 0, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
     if C > 0:
         block = block_v(V)
         _logprob_rows_kernel[(C,)](logits, logits.stride(0), labels.contiguous(), token_logp,
-                                   entropy if want_entropy else token_logp, V, 1.0 / temperature,
+                                   entropy if want_entropy else token_logp, lse, V, 1.0 / temperature,
                                    WANT_ENTROPY=want_entropy, BLOCK_V=block, num_warps=num_warps(block))
-    return token_logp, entropy
+    return token_logp, entropy, lse
 
 
 @_logprob_rows_op.register_fake
 def _(logits, labels, temperature, want_entropy):
     C = logits.shape[0]
-    return logits.new_empty(C, dtype=torch.float32), logits.new_empty(C if want_entropy else 0, dtype=torch.float32)
+    return (logits.new_empty(C, dtype=torch.float32), logits.new_empty(C if want_entropy else 0, dtype=torch.float32),
+            logits.new_empty(C, dtype=torch.float32))
 
 
 @torch.library.custom_op("minitrain::logprob_grad_rows", mutates_args=("logits",))
-def logprob_grad_rows_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+def logprob_grad_rows_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: float, lse: torch.Tensor,
                              grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]) -> None:
     """See logprobs.logprob_grad_rows_torch: overwrite logits [C, V] with the gradient of the weighted outputs."""
     C, V = logits.shape
@@ -128,6 +132,7 @@ def logprob_grad_rows_triton(logits: torch.Tensor, labels: torch.Tensor, tempera
     grad_logp = grad_logp.float().contiguous() if has_grad_logp else labels
     grad_entropy = grad_entropy.float().contiguous() if has_grad_entropy else labels
     block = block_v(V)
-    _logprob_grad_rows_kernel[(C,)](logits, logits.stride(0), labels, grad_logp, grad_entropy, V, 1.0 / temperature,
+    _logprob_grad_rows_kernel[(C,)](logits, logits.stride(0), labels, lse.float().contiguous(), grad_logp,
+                                    grad_entropy, V, 1.0 / temperature,
                                     HAS_GRAD_LOGP=has_grad_logp, HAS_GRAD_ENTROPY=has_grad_entropy,
                                     BLOCK_V=block, num_warps=num_warps(block))

@@ -76,23 +76,32 @@ def sample_torch(logits, temperature, top_k, top_p, min_p, u):
     candidates [B, k] (torch.topk, a selection, returns them sorted, so top-p is a cumulative sum); so does top-p
     without top-k when the top 256 (or 4096) tokens already hold top_p of the mass strictly above their smallest
     value, which makes every token outside them one that top-p removes. Otherwise the top-p threshold is bisected
-    over the whole vocabulary. Reading which filters are on (and k) from per-row tensors costs a host sync here;
-    the Triton path has none.
+    over the whole vocabulary. With no filter on any row (plain temperature sampling, as RL rollouts use) the draw
+    reads exp(s - s_max) directly: five passes over [B, V]. Reading which filters are on (and k) from per-row
+    tensors costs a host sync here; the Triton path has none.
     """
     B, V = logits.shape
-    x = logits.float()                                                       # [B, V]
-    invalid = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)   # [B]
-    x = torch.where(torch.isnan(x), _NEG_INF, x)                             # keep the math finite for invalid rows
+    x = logits.float()                                                       # [B, V] (logits itself when fp32)
+    row_max = x.amax(dim=-1)                                                 # [B]: NaN, +inf or -inf when invalid
+    invalid = ~torch.isfinite(row_max)                                       # a NaN, a +inf, or no finite logit
+    if bool(invalid.any()):
+        x = torch.where(torch.isnan(x), _NEG_INF, x)                         # keep the math finite for invalid rows
     greedy = temperature <= 0                                                # [B]
-    greedy_tokens = x.argmax(dim=-1)
-    s = x / torch.where(greedy, 1.0, temperature)[:, None]                   # [B, V] scaled logits
-    s = torch.where(s == 0, 0.0, s)                                          # -0.0 -> +0.0 for ordered_keys
-    s_max = s.max(dim=-1, keepdim=True).values                               # [B, 1]
+    greedy_tokens = x.argmax(dim=-1) if bool(greedy.any()) else None
+    temperature = torch.where(greedy, 1.0, temperature)                     # [B]
+    s = x if bool((temperature == 1.0).all()) else x / temperature[:, None]  # [B, V] scaled logits, never written
+    # max(x / t) = max(x) / t exactly (division by t > 0 is monotone under rounding): no second pass over s
+    s_max = (row_max / temperature)[:, None]                                 # [B, 1]
     s_max = torch.where(torch.isfinite(s_max), s_max, 0.0)
-    keep = s > _NEG_INF                                                      # [B, V]
+    s_max = torch.where(s_max == 0, 0.0, s_max)                              # -0.0 -> +0.0 for ordered_keys
     use_k = (top_k > 0) & (top_k < V)
     use_p = top_p < 1.0
+    use_min_p = min_p > 0.0
+    if not (bool(use_k.any()) or bool(use_p.any()) or bool(use_min_p.any())):
+        # no filter: every token keeps its unnormalised probability exp(s - s_max) (0 for -inf logits)
+        return _draw(torch.sub(s, s_max).exp_(), None, lambda: x > _NEG_INF, u, greedy, greedy_tokens, invalid)
 
+    keep = s > _NEG_INF                                                      # [B, V]
     candidates = None               # (values [B, m] descending, their vocabulary indices, kept, mass of all kept)
     if bool(use_k.any()):
         k = torch.where(use_k, top_k, 1)
@@ -126,7 +135,7 @@ def sample_torch(logits, temperature, top_k, top_p, min_p, u):
         index = None
         weight = torch.where(keep, torch.exp(s - s_max), 0.0)               # unnormalised probabilities
         if bool(use_p.any()):
-            keys = ordered_keys(s)
+            keys = ordered_keys(torch.where(s == 0, 0.0, s))                # -0.0 -> +0.0
             target = top_p.clamp(min=0.0) * weight.sum(dim=-1)               # [B] mass to stay below
             lo = keys.masked_fill(~keep, torch.iinfo(torch.int64).max).min(dim=-1).values - 1   # mass above: all
             hi = ordered_keys(s_max).squeeze(1)                              # mass above the max: 0
@@ -138,18 +147,26 @@ def sample_torch(logits, temperature, top_k, top_p, min_p, u):
                 lo = torch.where(below, lo, mid)
             keep &= ~use_p[:, None] | (keys >= hi[:, None])
 
-    use_min_p = min_p > 0.0
     keep &= ~use_min_p[:, None] | (weight >= min_p[:, None])
     weight = torch.where(keep, weight, 0.0)
+    return _draw(weight, index, lambda: keep, u, greedy, greedy_tokens, invalid)
 
-    cdf = weight.double().cumsum(dim=-1)                                     # [B, V or m]
+
+def _draw(weight, index, kept, u, greedy, greedy_tokens, invalid):
+    """The token by inverse CDF: weight [B, m] unnormalised probabilities (0 = filtered out), index [B, m] their
+    vocabulary ids (None: the whole vocabulary), kept() the kept mask [B, m], u [B] uniform in [0, 1)."""
+    cdf = torch.cumsum(weight, dim=-1, dtype=torch.float64)                  # [B, m]
     point = u.double() * cdf[:, -1]                                          # [B]
-    tokens = (cdf <= point[:, None]).sum(dim=-1)                             # first index with cdf > point
-    last_kept = keep.shape[1] - 1 - keep.flip(-1).int().argmax(dim=-1)      # guards u * total rounding up
-    tokens = torch.minimum(tokens, last_kept)
+    tokens = torch.searchsorted(cdf, point[:, None], right=True).squeeze(1)  # first index with cdf > point
+    m = cdf.shape[1]
+    if bool((tokens >= m).any()):                                            # u * total rounded up to the total
+        keep = kept()
+        last_kept = m - 1 - keep.flip(-1).int().argmax(dim=-1)
+        tokens = torch.minimum(tokens, last_kept)
     if index is not None:
         tokens = index.gather(1, tokens[:, None]).squeeze(1)
-    tokens = torch.where(greedy, greedy_tokens, tokens)
+    if greedy_tokens is not None:
+        tokens = torch.where(greedy, greedy_tokens, tokens)
     return torch.where(invalid, -1, tokens)
 
 

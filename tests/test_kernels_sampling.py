@@ -131,6 +131,26 @@ def test_nan_and_all_neg_inf_rows_give_minus_one():
     assert counts[:18].sum() == 0 and counts[18:].min() > 0
 
 
+def test_unfiltered_path_draws_the_tokens_of_the_filtered_path_and_leaves_the_logits_alone():
+    # no filter on any row takes a short path (no keep mask, no filter passes); a min-p small enough to keep every
+    # token goes through the filtered path: the same u must pick the same token, greedy and invalid rows included
+    logits = torch.randn(256, 301, generator=torch.Generator().manual_seed(10)) * 3
+    logits[3, 7] = float("nan")
+    logits[4] = float("-inf")
+    before = logits.clone()
+    temperature = torch.full((256,), 0.8)
+    temperature[5:9] = 0.0
+    for t in (1.0, temperature):
+        short = sample(logits, t, generator=torch.Generator().manual_seed(11))
+        filtered = sample(logits, t, min_p=1e-30, generator=torch.Generator().manual_seed(11))
+        assert torch.equal(short, filtered)
+        assert short[3:5].tolist() == [-1, -1]
+        if t is temperature:
+            assert torch.equal(short[5:9], logits[5:9].argmax(-1))
+        assert len(set(short.tolist())) > 100                 # real draws, not a constant
+    assert torch.equal(logits.nan_to_num(), before.nan_to_num())
+
+
 def test_same_seed_same_tokens_and_bad_arguments():
     logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(9))
     draw = lambda seed: sample(logits, 0.8, 20, 0.9, 0.02, generator=torch.Generator().manual_seed(seed))
