@@ -99,7 +99,7 @@ def sample_torch(logits, temperature, top_k, top_p, min_p, u):
     use_min_p = min_p > 0.0
     if not (bool(use_k.any()) or bool(use_p.any()) or bool(use_min_p.any())):
         # no filter: every token keeps its unnormalised probability exp(s - s_max) (0 for -inf logits)
-        return _draw(torch.sub(s, s_max).exp_(), None, lambda: x > _NEG_INF, u, greedy, greedy_tokens, invalid)
+        return _draw(torch.sub(s, s_max).exp_(), None, u, greedy, greedy_tokens, invalid)
 
     keep = s > _NEG_INF                                                      # [B, V]
     candidates = None               # (values [B, m] descending, their vocabulary indices, kept, mass of all kept)
@@ -149,20 +149,19 @@ def sample_torch(logits, temperature, top_k, top_p, min_p, u):
 
     keep &= ~use_min_p[:, None] | (weight >= min_p[:, None])
     weight = torch.where(keep, weight, 0.0)
-    return _draw(weight, index, lambda: keep, u, greedy, greedy_tokens, invalid)
+    return _draw(weight, index, u, greedy, greedy_tokens, invalid)
 
 
-def _draw(weight, index, kept, u, greedy, greedy_tokens, invalid):
+def _draw(weight, index, u, greedy, greedy_tokens, invalid):
     """The token by inverse CDF: weight [B, m] unnormalised probabilities (0 = filtered out), index [B, m] their
-    vocabulary ids (None: the whole vocabulary), kept() the kept mask [B, m], u [B] uniform in [0, 1)."""
+    vocabulary ids (None: the whole vocabulary), u [B] uniform in [0, 1)."""
     cdf = torch.cumsum(weight, dim=-1, dtype=torch.float64)                  # [B, m]
     point = u.double() * cdf[:, -1]                                          # [B]
     tokens = torch.searchsorted(cdf, point[:, None], right=True).squeeze(1)  # first index with cdf > point
     m = cdf.shape[1]
     if bool((tokens >= m).any()):                                            # u * total rounded up to the total
-        keep = kept()
-        last_kept = m - 1 - keep.flip(-1).int().argmax(dim=-1)
-        tokens = torch.minimum(tokens, last_kept)
+        last_positive = m - 1 - (weight > 0).flip(-1).int().argmax(dim=-1)   # the last token with mass
+        tokens = torch.minimum(tokens, last_positive)
     if index is not None:
         tokens = index.gather(1, tokens[:, None]).squeeze(1)
     if greedy_tokens is not None:
