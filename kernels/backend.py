@@ -7,6 +7,8 @@ interpreter, which is how the CPU tests run the kernels); asking for it otherwis
 Chunk size: the loss heads process the N rows in chunks so that the [chunk, V] logits (and what the backend keeps
 beside them) fit in a memory budget, KERNELS_CHUNK_MB megabytes (default 256). The budget, not the vocabulary to
 hidden-size ratio, decides the chunk, so peak memory stays flat as N grows.
+
+Row blocks: on a CPU the PyTorch row ops walk each chunk in blocks of rows that fit in the cache (`row_blocks`).
 """
 
 import os
@@ -63,6 +65,22 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 # A [V, H] fp32 temporary per chunk would cost as much as the weight gradient itself, so the fp32 accumulation of a
 # low-precision chunk product goes through vocabulary slices of this many rows.
 _ACCUMULATE_SLICE_ROWS = 8192
+
+
+# The torch row ops make several passes over a chunk of logits (upcast, max, exp, sum, scale, scatter, downcast).
+# A chunk sized by the memory budget is far larger than a CPU's caches, so every pass would stream it from memory;
+# walking it in blocks of about this many bytes of fp32 logits keeps the passes in cache. Pretraining the mini model
+# (V = 6400) in bf16 on 2 cores: 11% less time a step. Rows are independent: cross-entropy and log-probs come out
+# bit-identical; the KL's row sums are a batched matmul, whose last bit can depend on the block.
+CPU_ROW_BLOCK_BYTES = 4 * 2**20
+
+
+def row_blocks(logits: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) row ranges covering logits [C, V] for a torch row op: cache-sized blocks on CPU; on other
+    devices one block (there each extra block is only more kernel launches)."""
+    n_rows, vocab = logits.shape
+    rows = max(1, CPU_ROW_BLOCK_BYTES // (4 * vocab)) if logits.device.type == "cpu" else n_rows
+    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, max(rows, 1))]
 
 
 def accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ Triton kernel in cross_entropy_triton.py (the CUDA default). Per-token loss, wit
 import torch
 
 from kernels.backend import (accumulate_weight_grad, check_2d, check_labels, chunk_rows, compute_dtype,
-                             resolve_backend)
+                             resolve_backend, row_blocks)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -28,9 +28,20 @@ def ce_rows_torch(logits, labels, grad_scale, ignore_index, label_smoothing, z_l
     """Per-row loss [C] (fp32) of logits [C, V]; rows labelled ignore_index give 0.
 
     When grad_scale [C] is given, logits is overwritten with grad_scale[i] * d loss_i / d logits[i, :]. That path
-    works in place in one fp32 [C, V] buffer (the logits themselves when they are fp32), plus one for the softcap,
-    and takes a single exp pass: e = exp(s - max), lse = max + log(sum e), p = e / sum e.
+    works in place in one fp32 buffer (the logits themselves when they are fp32), plus one for the softcap, and
+    takes a single exp pass: e = exp(s - max), lse = max + log(sum e), p = e / sum e. On CPU it goes block by block
+    of rows (kernels.backend.row_blocks), so the buffers are the size of a block.
     """
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)   # [C]
+    for start, end in row_blocks(logits):
+        loss[start:end] = _ce_block_torch(logits[start:end], labels[start:end],
+                                          None if grad_scale is None else grad_scale[start:end], ignore_index,
+                                          label_smoothing, z_loss, softcap)
+    return loss
+
+
+def _ce_block_torch(logits, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    """ce_rows_torch on one block of rows (logits [B, V], a view it writes the gradient into)."""
     V = logits.shape[1]
     valid = labels != ignore_index                                           # [C]
     safe_labels = torch.where(valid, labels, 0).long()[:, None]              # [C, 1]

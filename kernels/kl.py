@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from kernels.backend import accumulate_weight_grad, check_2d, chunk_rows, compute_dtype, resolve_backend
+from kernels.backend import accumulate_weight_grad, check_2d, chunk_rows, compute_dtype, resolve_backend, row_blocks
 
 
 def _log_softmax_(buffer, temperature, scratch):
@@ -39,8 +39,18 @@ def _row_dot(a, b):
 def kl_rows_torch(student_logits, teacher_logits, grad_scale, temperature, beta):
     """Per-row divergence [C] (fp32); when grad_scale [C] is given, student_logits is overwritten with
     grad_scale[i] * d loss_i / d student_logits[i, :]. Both logits are used as scratch space (in place when fp32);
-    beside them it keeps one fp32 [C, V] buffer for KL, two for the JSD, and an upcast of each low-precision input.
+    beside them it keeps one fp32 buffer for KL, two for the JSD, and an upcast of each low-precision input, each
+    the size of a block of rows on CPU (kernels.backend.row_blocks) and of the chunk elsewhere.
     """
+    loss = torch.empty(student_logits.shape[0], dtype=torch.float32, device=student_logits.device)   # [C]
+    for start, end in row_blocks(student_logits):
+        loss[start:end] = _kl_block_torch(student_logits[start:end], teacher_logits[start:end],
+                                          None if grad_scale is None else grad_scale[start:end], temperature, beta)
+    return loss
+
+
+def _kl_block_torch(student_logits, teacher_logits, grad_scale, temperature, beta):
+    """kl_rows_torch on one block of rows (student_logits [B, V], a view it writes the gradient into)."""
     X = student_logits if student_logits.dtype == torch.float32 else student_logits.float()   # [C, V]
     Y = teacher_logits if teacher_logits.dtype == torch.float32 else teacher_logits.float()   # [C, V]
     scratch = torch.empty_like(X)                                            # [C, V]

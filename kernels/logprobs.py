@@ -15,7 +15,8 @@ The row ops exist twice with the same contract: below in PyTorch, and as Triton 
 
 import torch
 
-from kernels.backend import accumulate_weight_grad, check_2d, check_labels, chunk_rows, compute_dtype, resolve_backend
+from kernels.backend import (accumulate_weight_grad, check_2d, check_labels, chunk_rows, compute_dtype,
+                             resolve_backend, row_blocks)
 
 IGNORE_INDEX = -100
 
@@ -27,7 +28,22 @@ def _scaled_rows(logits, temperature):
 
 
 def logprob_rows_torch(logits, labels, temperature, want_entropy):
-    """(log p(label) [C], entropy [C] or None, lse [C]), fp32, for logits [C, V] (which it uses as scratch space)."""
+    """(log p(label) [C], entropy [C] or None, lse [C]), fp32, for logits [C, V] (which it uses as scratch space).
+    On CPU it goes block by block of rows (kernels.backend.row_blocks)."""
+    C = logits.shape[0]
+    token_logp, lse = (torch.empty(C, dtype=torch.float32, device=logits.device) for _ in range(2))   # [C]
+    entropy = torch.empty(C, dtype=torch.float32, device=logits.device) if want_entropy else None      # [C]
+    for start, end in row_blocks(logits):
+        block_logp, block_entropy, block_lse = _logprob_block_torch(logits[start:end], labels[start:end],
+                                                                    temperature, want_entropy)
+        token_logp[start:end], lse[start:end] = block_logp, block_lse
+        if want_entropy:
+            entropy[start:end] = block_entropy
+    return token_logp, entropy, lse
+
+
+def _logprob_block_torch(logits, labels, temperature, want_entropy):
+    """logprob_rows_torch on one block of rows."""
     valid = labels != IGNORE_INDEX
     safe_labels = torch.where(valid, labels, 0).long()[:, None]              # [C, 1]
     s = _scaled_rows(logits, temperature)                                    # [C, V]
@@ -51,7 +67,15 @@ def logprob_rows_torch(logits, labels, temperature, want_entropy):
 
 def logprob_grad_rows_torch(logits, labels, temperature, lse, grad_logp, grad_entropy):
     """Overwrite logits [C, V] with d(sum_i grad_logp_i log p_i(y_i) + grad_entropy_i E_i) / d logits, given each
-    row's logsumexp lse [C] from the forward."""
+    row's logsumexp lse [C] from the forward. On CPU it goes block by block of rows (kernels.backend.row_blocks)."""
+    for start, end in row_blocks(logits):
+        _logprob_grad_block_torch(logits[start:end], labels[start:end], temperature, lse[start:end],
+                                  None if grad_logp is None else grad_logp[start:end],
+                                  None if grad_entropy is None else grad_entropy[start:end])
+
+
+def _logprob_grad_block_torch(logits, labels, temperature, lse, grad_logp, grad_entropy):
+    """logprob_grad_rows_torch on one block of rows (logits [B, V], a view it writes the gradient into)."""
     valid = labels != IGNORE_INDEX
     safe_labels = torch.where(valid, labels, 0).long()[:, None]
     g = (torch.zeros(labels.shape, dtype=torch.float32, device=labels.device) if grad_logp is None

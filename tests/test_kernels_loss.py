@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import kernels.backend
 import kernels.cross_entropy
 from kernels import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
 from kernels.reference import cross_entropy_reference, kl_reference, logprobs_reference
@@ -173,6 +174,43 @@ def test_cross_entropy_chunking_does_not_change_the_result(monkeypatch):
         assert_close(loss, results[0][0], atol=1e-6)
         for grad, ref in zip(grads, results[0][1]):
             assert_close(grad, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_row_blocks_give_bit_identical_results(monkeypatch, dtype):
+    # the torch row ops walk each chunk in cache-sized row blocks on CPU (kernels.backend.row_blocks); rows are
+    # independent, so blocks of 3 rows (a ragged last block in every 8-row chunk) must not change the results
+    hidden, weight, labels = make_inputs(seed=5, scale=3.0, dtype=dtype)
+    teacher_hidden, teacher_weight = (t.detach() for t in make_inputs(seed=6, dtype=dtype)[:2])
+    mask = labels != -100
+    upstream = torch.linspace(-1.0, 2.0, N)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def every_output():
+        outputs = []
+        with autocast:
+            for options in (dict(), dict(reduction="none", label_smoothing=0.2, z_loss=1e-3, softcap=4.0)):
+                outputs += loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, upstream=upstream,
+                                          **options)
+            with torch.no_grad():
+                outputs.append(fused_linear_cross_entropy(hidden, weight, labels, reduction="none"))
+            logp, entropy = fused_linear_logprobs(hidden, weight, labels, temperature=0.7, return_entropy=True)
+            outputs += [logp, entropy, *torch.autograd.grad((logp * upstream + entropy).sum(), (hidden, weight))]
+            for beta in (0.0, 0.5, 1.0):
+                outputs += loss_and_grads(fused_linear_kl, hidden, weight, teacher_hidden, teacher_weight, mask,
+                                          beta=beta, temperature=1.5)
+        return [t.detach() for item in outputs for t in (item if isinstance(item, tuple) else (item,))]
+
+    one_block = every_output()                               # a block of 4 MB holds every 8-row chunk whole
+    monkeypatch.setattr(kernels.backend, "CPU_ROW_BLOCK_BYTES", 3 * V * 4)
+    assert kernels.backend.row_blocks(torch.empty(8, V)) == [(0, 3), (3, 6), (6, 8)]
+    blocked = every_output()
+    assert len(blocked) == len(one_block) == 20
+    for actual, expected in zip(blocked[:11], one_block[:11]):     # cross-entropy and log-probs: every bit
+        assert torch.equal(actual, expected)
+    for actual, expected in zip(blocked[11:], one_block[11:]):     # KL: its row sums are a batched matmul, whose
+        assert_close(actual, expected, atol=1e-7 * expected.abs().max().item(), rtol=1e-6)   # last bit may move
+    assert kernels.backend.row_blocks(torch.empty(8, V, device="meta")) == [(0, 8)]   # one block off the CPU
 
 
 def bf16_error(fn, ref_fn, hidden, weight, labels):
