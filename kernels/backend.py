@@ -79,8 +79,9 @@ def row_blocks(logits: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) row ranges covering logits [C, V] for a torch row op: cache-sized blocks on CPU; on other
     devices one block (there each extra block is only more kernel launches)."""
     n_rows, vocab = logits.shape
-    rows = max(1, CPU_ROW_BLOCK_BYTES // (4 * vocab)) if logits.device.type == "cpu" else n_rows
-    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, max(rows, 1))]
+    rows = CPU_ROW_BLOCK_BYTES // (4 * vocab) if logits.device.type == "cpu" else n_rows
+    rows = max(1, rows)
+    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
 
 
 def accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
