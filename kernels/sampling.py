@@ -41,8 +41,8 @@ def _per_row(value, B, dtype, device, name):
 
 
 def ordered_keys(s: torch.Tensor) -> torch.Tensor:
-    """int64 keys with the same order as the float32 values s (no NaN; -0.0 must already be +0.0)."""
-    bits = s.view(torch.int32)
+    """int64 keys with the same order as the float32 values s (no NaN; -0.0 folded into +0.0)."""
+    bits = torch.where(s == 0, 0.0, s).view(torch.int32)
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
 
 
@@ -93,7 +93,6 @@ def sample_torch(logits, temperature, top_k, top_p, min_p, u):
     # max(x / t) = max(x) / t exactly (division by t > 0 is monotone under rounding): no second pass over s
     s_max = (row_max / temperature)[:, None]                                 # [B, 1]
     s_max = torch.where(torch.isfinite(s_max), s_max, 0.0)
-    s_max = torch.where(s_max == 0, 0.0, s_max)                              # -0.0 -> +0.0 for ordered_keys
     use_k = (top_k > 0) & (top_k < V)
     use_p = top_p < 1.0
     use_min_p = min_p > 0.0
@@ -135,7 +134,7 @@ def sample_torch(logits, temperature, top_k, top_p, min_p, u):
         index = None
         weight = torch.where(keep, torch.exp(s - s_max), 0.0)               # unnormalised probabilities
         if bool(use_p.any()):
-            keys = ordered_keys(torch.where(s == 0, 0.0, s))                # -0.0 -> +0.0
+            keys = ordered_keys(s)
             target = top_p.clamp(min=0.0) * weight.sum(dim=-1)               # [B] mass to stay below
             lo = keys.masked_fill(~keep, torch.iinfo(torch.int64).max).min(dim=-1).values - 1   # mass above: all
             hi = ordered_keys(s_max).squeeze(1)                              # mass above the max: 0
