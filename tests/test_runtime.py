@@ -402,3 +402,40 @@ def test_kill_9_during_saves_leaves_latest_complete(tmp_path):
     assert all(torch.all(p == step) for p in model.parameters())
     state = json.load(open(os.path.join(latest, "resume_state.json")))
     assert state["step"] == step and state["data"]["samples_seen"] == 2 * step
+
+
+TEARDOWN = """
+import os, sys, torch
+from model.config import load_model_config
+from model.transformer import CausalLM
+from trainer.runtime import cleanup_distributed, setup_distributed
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+before = threads()
+info = setup_distributed("cpu")
+model = torch.nn.parallel.DistributedDataParallel(CausalLM(load_model_config("tiny")))   # what wrap_model builds
+ids = torch.randint(0, 100, (2, 8))
+model(ids, labels=ids).loss.backward()
+model.cycle = [model]          # a reference cycle: only the garbage collector frees this wrapper and its group
+del model
+cleanup_distributed()
+with open(f"{sys.argv[1]}/rank{info.rank}.txt", "w") as f:
+    f.write(f"{before} {threads()}")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_cleanup_distributed_stops_gloo_threads_after_ddp(tmp_path):
+    """A gloo group still alive when the interpreter shuts down can abort the process after a finished run
+    (runtime.cleanup_distributed says how): after DDP, even a DDP wrapper caught in a reference cycle, cleanup must
+    leave no thread of the group running."""
+    from conftest import run_script
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN)
+    r = run_script(str(script), str(tmp_path), ranks=2, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1):
+        before, after = map(int, (tmp_path / f"rank{rank}.txt").read_text().split())
+        assert after == before, f"rank {rank}: {before} threads before the group, {after} after cleanup"

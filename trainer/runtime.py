@@ -44,6 +44,8 @@ are dropped, which only matters for dropout.
 
 import argparse
 import dataclasses
+import gc
+import importlib
 import json
 import math
 import netrc
@@ -456,6 +458,10 @@ def setup_distributed(device_flag: str) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not tdist.is_initialized():
+        # DistributedDataParallel and torch.compile import torch._dynamo. Imported after the group exists, it keeps
+        # references to it that destroy_process_group cannot drop (torch 2.13: refcount 12 instead of 2), so the
+        # group outlives cleanup_distributed; see there why that can abort the process. Imported first, it doesn't.
+        importlib.import_module("torch._dynamo")
         if device.type == "cuda":
             tdist.init_process_group(backend="nccl", device_id=device)
         else:
@@ -468,7 +474,17 @@ def is_distributed() -> bool:
 
 
 def cleanup_distributed() -> None:
+    """Stop the process group while the interpreter is fully alive.
+
+    A gloo group that lives on into interpreter shutdown can abort the process after the run has finished: one of its
+    worker threads frees a finished all-reduce whose tensors Python still owns, needs the GIL to do it, and a thread
+    that asks a finalizing interpreter for the GIL is ended mid-unwind ("terminate called without an active
+    exception", SIGABRT; seen in CI on a 2-rank run, and under gdb on pt_gloo_runloop). So: collect the garbage
+    cycles first (a DistributedDataParallel wrapper in one holds the group), then destroy the group, which joins
+    its threads.
+    """
     if is_distributed():
+        gc.collect()
         tdist.destroy_process_group()
 
 
