@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from conftest import run_script
 from model.checkpoint import load_model
 from model.config import load_model_config
 from model.transformer import CausalLM
@@ -431,7 +432,6 @@ def test_cleanup_distributed_stops_gloo_threads_after_ddp(tmp_path):
     """A gloo group still alive when the interpreter shuts down can abort the process after a finished run
     (runtime.cleanup_distributed says how): after DDP, even a DDP wrapper caught in a reference cycle, cleanup must
     leave no thread of the group running."""
-    from conftest import run_script
     script = tmp_path / "teardown.py"
     script.write_text(TEARDOWN)
     r = run_script(str(script), str(tmp_path), ranks=2, timeout=120)
