@@ -18,7 +18,7 @@ model turns that into a block-diagonal causal mask, so packing changes the speed
 
 import torch
 
-from dataset.jsonl import DataError, read_jsonl
+from minitrain.dataset.jsonl import DataError, read_jsonl
 
 IGNORE_INDEX = -100
 

@@ -1,7 +1,7 @@
 """The embedded data: a small corpus built on any fresh machine, deterministically, with nothing downloaded.
 
-    python -m dataset.embedded --out data/embedded            # writes what is missing (a few seconds)
-    python -m dataset.embedded --out data/embedded --force    # rebuilds everything
+    python -m minitrain.dataset.embedded --out data/embedded            # writes what is missing (a few seconds)
+    python -m minitrain.dataset.embedded --out data/embedded --force    # rebuilds everything
 
 From Python code: `ensure_embedded_data(root)` -> {"pretrain": ".../pretrain.jsonl", ...}.
 
@@ -247,7 +247,7 @@ def class_entry(module: str, name: str, cls) -> DocEntry | None:
 
 def task_stream(file: str, count: int) -> list[tuple]:
     """`count` (task, problem) pairs in TASK_MIX proportions, shuffled, from the file's training seed."""
-    from eval.tasks import get_task, training_seed
+    from minitrain.eval.tasks import get_task, training_seed
     total = sum(weight for _, weight in TASK_MIX)
     exact = [count * weight / total for _, weight in TASK_MIX]
     counts = [int(x) for x in exact]
@@ -289,7 +289,7 @@ def pretrain_rows(cfg: EmbeddedConfig, docs: list[DocEntry]) -> list[dict]:
     """The documentation, and task documents: statements and worked examples, or (pretrain_chat_percent of them)
     conversations in the chat format, so that a pretrained model already knows how a question is asked and answered
     and supervised fine-tuning sharpens rather than teaches the format."""
-    from model.tokenizer import render_chat_text
+    from minitrain.model.tokenizer import render_chat_text
     rng = random.Random("embedded/pretrain")
     rows = [{"text": entry.text} for entry in docs]
     per_doc = 18
@@ -332,7 +332,7 @@ def doc_chats(docs: list[DocEntry], count: int, rng: random.Random) -> list[list
 
 
 def midtrain_rows(cfg: EmbeddedConfig, docs: list[DocEntry]) -> list[dict]:
-    from model.tokenizer import render_chat_text
+    from minitrain.model.tokenizer import render_chat_text
     rng = random.Random("embedded/midtrain")
     items = task_stream("midtrain", cfg.midtrain_rows * 4)
     rows = []

@@ -22,7 +22,7 @@ Each `normalize_<kind>(row)` returns (canonical row, "") or (None, problem); the
 
 import re
 
-from model.tokenizer import CHAT_ROLES, render_chat_text
+from minitrain.model.tokenizer import CHAT_ROLES, render_chat_text
 
 # ShareGPT-style speaker names -> our roles
 SPEAKERS = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",

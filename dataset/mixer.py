@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from dataset.formats import PHASE_FORMATS, PHASES, row_texts
-from dataset.jsonl import DataError, check_file, iter_rows
-from model.config import REPO_ROOT
+from minitrain.dataset.formats import PHASE_FORMATS, PHASES, row_texts
+from minitrain.dataset.jsonl import DataError, check_file, iter_rows
+from minitrain.model.config import REPO_ROOT
 
 DEFAULT_MIXTURES = os.path.join(REPO_ROOT, "config", "data")
 EMBEDDED_DIR = os.path.join("data", "embedded")
@@ -185,7 +185,7 @@ def load_mixture(path: str, phase: str, seed: int) -> Mixture:
         where_rule = check_where(entry.get("where"), at_source("where"))
         embedded = entry.get("embedded")
         if embedded is not None:
-            from dataset.embedded import FILES
+            from minitrain.dataset.embedded import FILES
             if embedded not in FILES:
                 raise DataError(f"{at_source('embedded')}: unknown embedded file {embedded!r} "
                                 f"(expected one of {', '.join(FILES)})")
@@ -349,7 +349,7 @@ def jsonl_bytes(rows: list[dict]) -> bytes:
 def check_mixture(mixture: Mixture) -> None:
     """Before any work: build missing embedded files, then check the first rows of every source."""
     if any(s.embedded for s in mixture.sources):
-        from dataset.embedded import ensure_embedded_data
+        from minitrain.dataset.embedded import ensure_embedded_data
         ensure_embedded_data(EMBEDDED_DIR)
     for source in mixture.sources:
         read_source(source, mixture.phase, mixture.max_bad_fraction, limit=SAMPLE_ROWS)

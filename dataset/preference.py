@@ -14,7 +14,7 @@ masked tokens; the reward model (trainer/train_reward.py) reads its score at eac
 
 import torch
 
-from dataset.jsonl import DataError, read_jsonl
+from minitrain.dataset.jsonl import DataError, read_jsonl
 
 
 def tokenize_pair(tokenizer, row: dict, max_seq_len: int) -> dict | None:

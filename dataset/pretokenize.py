@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from dataset.jsonl import DataError, iter_rows
+from minitrain.dataset.jsonl import DataError, iter_rows
 
 CACHE_VERSION = 1
 BATCH_ROWS = 1024     # rows tokenized per call of the (multi-threaded) tokenizer

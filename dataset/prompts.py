@@ -10,7 +10,7 @@ Prompts longer than max_prompt_length tokens are dropped and counted (a prompt i
 change). Every row gets an "id" (its own, or "row-<index>") so that per-prompt state (SPO's tracker) has a key.
 """
 
-from dataset.jsonl import DataError, read_jsonl
+from minitrain.dataset.jsonl import DataError, read_jsonl
 
 
 class PromptDataset:

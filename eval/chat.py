@@ -26,9 +26,9 @@ import sys
 
 import torch
 
-from eval.cli import OneLineParser, UsageError, check_device, load_heads_for_decoding, run_cli
-from model.checkpoint import load_model
-from model.generate import generate
+from minitrain.eval.cli import OneLineParser, UsageError, check_device, load_heads_for_decoding, run_cli
+from minitrain.model.checkpoint import load_model
+from minitrain.model.generate import generate
 
 
 def parse_args(argv=None):
@@ -87,7 +87,7 @@ class TerminalStream:
 def load(args):
     model, tokenizer = load_model(args.model, device=args.device)
     if args.adapter:
-        from model.lora import load_adapter   # LoRA lives in model/lora.py
+        from minitrain.model.lora import load_adapter   # LoRA lives in model/lora.py
         model = load_adapter(model, args.adapter)
     load_heads_for_decoding(model, args)      # with --min_p 0, generate() uses the ratio the heads were trained for
     max_positions = model.config.max_position_embeddings

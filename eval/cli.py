@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from dataset.jsonl import DataError
-from model.config import ConfigError
-from model.tokenizer import TokenizerError
+from minitrain.dataset.jsonl import DataError
+from minitrain.model.config import ConfigError
+from minitrain.model.tokenizer import TokenizerError
 
 INPUT_ERRORS = (ConfigError, TokenizerError, DataError)
 
@@ -49,7 +49,7 @@ def check_device(device: str) -> None:
 def load_heads_for_decoding(model, args) -> None:
     """eval/chat.py's and eval/evaluate.py's shared step after loading: a LoRA run's decoding heads come from
     --adapter (when it trained some); --learned_decoding needs heads from one or the other."""
-    from model.checkpoint import load_decoding_heads
+    from minitrain.model.checkpoint import load_decoding_heads
     if args.adapter:
         load_decoding_heads(model, args.adapter)
     if args.learned_decoding and model.decoding_heads is None:

@@ -23,8 +23,8 @@ import math
 import os
 import sys
 
-from eval.cli import OneLineParser, UsageError, run_cli
-from eval.stats import dominance_pairs, paired_changes, pareto_frontier
+from minitrain.eval.cli import OneLineParser, UsageError, run_cli
+from minitrain.eval.stats import dominance_pairs, paired_changes, pareto_frontier
 
 INTERVAL = "ci80"
 COMPARED_SETTINGS = ("num_samples", "samples_per_problem", "temperature", "top_k", "top_p", "min_p",

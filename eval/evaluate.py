@@ -31,12 +31,12 @@ import time
 import torch
 from safetensors import SafetensorError
 
-from eval.cli import OneLineParser, UsageError, check_device, load_heads_for_decoding, run_cli
-from eval.stats import interval_key
-from eval.task_eval import AGGREGATE, PromptTooLong, check_settings, evaluate_tasks, parse_task_names
-from eval.tasks import EVAL_SEED, ProblemSpaceError
-from model.checkpoint import check_model_dir, load_model
-from model.config import ConfigError
+from minitrain.eval.cli import OneLineParser, UsageError, check_device, load_heads_for_decoding, run_cli
+from minitrain.eval.stats import interval_key
+from minitrain.eval.task_eval import AGGREGATE, PromptTooLong, check_settings, evaluate_tasks, parse_task_names
+from minitrain.eval.tasks import EVAL_SEED, ProblemSpaceError
+from minitrain.model.checkpoint import check_model_dir, load_model
+from minitrain.model.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -133,9 +133,9 @@ def load(args):
                          f"({str(e).splitlines()[0]})") from None
     if args.adapter:
         try:
-            from model.lora import load_adapter   # LoRA lives in model/lora.py
+            from minitrain.model.lora import load_adapter   # LoRA lives in model/lora.py
         except ModuleNotFoundError as e:
-            if e.name != "model.lora":
+            if e.name != "minitrain.model.lora":
                 raise
             raise UsageError("--adapter needs model/lora.py (LoRA support), not available in this build") from None
         model = load_adapter(model, args.adapter)

@@ -18,10 +18,10 @@ import sys
 
 import torch
 
-from dataset.jsonl import DataError, read_jsonl
-from eval.cli import OneLineParser, UsageError, check_device, run_cli
-from kernels import fused_linear_cross_entropy
-from model.checkpoint import load_model
+from minitrain.dataset.jsonl import DataError, read_jsonl
+from minitrain.eval.cli import OneLineParser, UsageError, check_device, run_cli
+from minitrain.kernels import fused_linear_cross_entropy
+from minitrain.model.checkpoint import load_model
 
 
 def parse_args(argv=None):
@@ -81,7 +81,7 @@ def main(argv=None):
     rows = read_jsonl(args.data_path, required={"text": str}, max_rows=args.max_rows or None)
     model, tokenizer = load_model(args.model, device=args.device)
     if args.adapter:
-        from model.lora import load_adapter   # LoRA lives in model/lora.py
+        from minitrain.model.lora import load_adapter   # LoRA lives in model/lora.py
         model = load_adapter(model, args.adapter)
     model.eval()
     max_positions = model.config.max_position_embeddings

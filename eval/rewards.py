@@ -24,7 +24,7 @@ import importlib
 import math
 import re
 
-from eval.tasks import extract_answer, get_task, problem_from_row
+from minitrain.eval.tasks import extract_answer, get_task, problem_from_row
 
 FORMAT_FULL = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
 TIERS = {"perfect": 1.0, "near": 0.6, "partial": 0.3, "attempted": 0.1, "wrong": 0.0}

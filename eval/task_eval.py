@@ -1,6 +1,6 @@
 """Task evaluation: generate answers to held-out task problems in batches and score them.
 
-    from eval.task_eval import evaluate_tasks, task_metrics
+    from minitrain.eval.task_eval import evaluate_tasks, task_metrics
     results = evaluate_tasks(model, tokenizer, ["arithmetic", "sat"], num_samples=100)
     results["arithmetic"]["accuracy"], results["arithmetic"]["ci80"], results["aggregate"]["accuracy"]
     task_metrics(results)     # {"eval/arithmetic/accuracy": ..., "eval/sat/accuracy": ..., "eval/aggregate/...": ...}
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from eval.stats import DEFAULT_LEVEL, summarize, weighted_aggregate
-from eval.tasks import EVAL_SEED, TRAIN_SEED_BASE, get_task
-from model.generate import generate
+from minitrain.eval.stats import DEFAULT_LEVEL, summarize, weighted_aggregate
+from minitrain.eval.tasks import EVAL_SEED, TRAIN_SEED_BASE, get_task
+from minitrain.model.generate import generate
 
 AGGREGATE = "aggregate"      # the key of the weighted aggregate, beside the task names, in evaluate_tasks' result
 

@@ -11,9 +11,9 @@ per-chunk memory budget of the loss heads (default 256). kernels/reference.py ho
 compare against; kernels/bench.py measures time and memory against plain PyTorch.
 """
 
-from kernels.cross_entropy import fused_linear_cross_entropy
-from kernels.kl import fused_linear_kl
-from kernels.logprobs import fused_linear_logprobs
-from kernels.sampling import sample
+from minitrain.kernels.cross_entropy import fused_linear_cross_entropy
+from minitrain.kernels.kl import fused_linear_kl
+from minitrain.kernels.logprobs import fused_linear_logprobs
+from minitrain.kernels.sampling import sample
 
 __all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "fused_linear_kl", "sample"]

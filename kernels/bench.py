@@ -37,8 +37,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs, sample
-from kernels.backend import resolve_backend
+from minitrain.kernels import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs, sample
+from minitrain.kernels.backend import resolve_backend
 
 GPU_SHAPES = [(4096, 4096, 128256), (16384, 4096, 128256), (8192, 2304, 256000), (8192, 1536, 151936)]
 GPU_RL_SHAPES = [(8192, 4096, 128256)]            # log-probs and KL: B=8, T=1024, Llama 3's head

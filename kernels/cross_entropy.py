@@ -18,8 +18,8 @@ Triton kernel in cross_entropy_triton.py (the CUDA default). Per-token loss, wit
 
 import torch
 
-from kernels.backend import (accumulate_weight_grad, check_2d, check_labels, chunk_rows, compute_dtype,
-                             resolve_backend, row_blocks)
+from minitrain.kernels.backend import (accumulate_weight_grad, check_2d, check_labels, chunk_rows, compute_dtype,
+                                        resolve_backend, row_blocks)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -89,7 +89,7 @@ def _ce_loss(lse, s_label, s_mean, valid, label_smoothing, z_loss):
 
 def _row_op(backend):
     if backend == "triton":
-        from kernels.cross_entropy_triton import ce_rows_triton
+        from minitrain.kernels.cross_entropy_triton import ce_rows_triton
         return ce_rows_triton, 0
     # the torch row op keeps at most three fp32 [C, V] temporaries beside the logits (the upcast of low-precision
     # logits, the softcap's tanh and its argument); without softcap and in fp32 it works in the logits alone

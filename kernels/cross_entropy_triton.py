@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import triton_interpreting
+from minitrain.kernels.backend import triton_interpreting
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from kernels.backend import accumulate_weight_grad, check_2d, chunk_rows, compute_dtype, resolve_backend, row_blocks
+from minitrain.kernels.backend import accumulate_weight_grad, check_2d, chunk_rows, compute_dtype, resolve_backend, row_blocks
 
 
 def _log_softmax_(buffer, temperature, scratch):
@@ -84,7 +84,7 @@ def _kl_block_torch(student_logits, teacher_logits, grad_scale, temperature, bet
 
 def _row_op(backend):
     if backend == "triton":
-        from kernels.kl_triton import kl_rows_triton
+        from minitrain.kernels.kl_triton import kl_rows_triton
         return kl_rows_triton, 0
     # fp32 [C, V] buffers beside the two logits: the upcasts of low-precision logits, the scratch, and for the JSD
     # one more (plus a transient for log M)

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cross_entropy_triton import block_v, num_warps
-from kernels.logprobs_triton import _row_lse
+from minitrain.kernels.cross_entropy_triton import block_v, num_warps
+from minitrain.kernels.logprobs_triton import _row_lse
 
 
 @triton.jit

@@ -15,8 +15,8 @@ The row ops exist twice with the same contract: below in PyTorch, and as Triton 
 
 import torch
 
-from kernels.backend import (accumulate_weight_grad, check_2d, check_labels, chunk_rows, compute_dtype,
-                             resolve_backend, row_blocks)
+from minitrain.kernels.backend import (accumulate_weight_grad, check_2d, check_labels, chunk_rows, compute_dtype,
+                                        resolve_backend, row_blocks)
 
 IGNORE_INDEX = -100
 
@@ -99,7 +99,7 @@ def _row_ops(backend):
     """(forward row op, backward row op, fp32 bytes per logit the torch ops add): the forward returns
     (log p(label) [C], entropy [C] or None, lse [C]); the backward overwrites the logits with their gradient."""
     if backend == "triton":
-        from kernels.logprobs_triton import logprob_grad_rows_triton, logprob_rows_triton
+        from minitrain.kernels.logprobs_triton import logprob_grad_rows_triton, logprob_rows_triton
         return logprob_rows_triton, logprob_grad_rows_triton, 0
     # at most three fp32 [C, V] temporaries beside the logits (the upcast of low-precision logits; for the entropy
     # its exp and a product)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cross_entropy_triton import block_v, num_warps
+from minitrain.kernels.cross_entropy_triton import block_v, num_warps
 
 IGNORE_INDEX = -100
 

@@ -25,7 +25,7 @@ Conventions (scalars or per-row tensors [B]):
 
 import torch
 
-from kernels.backend import check_2d, resolve_backend
+from minitrain.kernels.backend import check_2d, resolve_backend
 
 _NEG_INF = float("-inf")
 
@@ -189,6 +189,6 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=Non
     min_p = _per_row(min_p, B, torch.float32, device, "min_p")
     u = torch.rand(B, generator=generator, device=device, dtype=torch.float64)   # [B]
     if resolve_backend(device) == "triton":
-        from kernels.sampling_triton import sample_triton
+        from minitrain.kernels.sampling_triton import sample_triton
         return sample_triton(logits, temperature, top_k, top_p, min_p, u)
     return sample_torch(logits, temperature, top_k, top_p, min_p, u)

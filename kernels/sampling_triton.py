@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import triton_interpreting
+from minitrain.kernels.backend import triton_interpreting
 
 KEY_NEG_INF = -2139095041          # _ordered_key(-inf)
 

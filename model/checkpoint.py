@@ -24,11 +24,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model.config import ConfigError, ModelConfig, read_json
-from model.decoding_heads import CONFIG_FIELD as HEADS_FIELD
-from model.decoding_heads import heads_from_description
-from model.tokenizer import Tokenizer, TokenizerError
-from model.transformer import CausalLM, RotaryEmbedding
+from minitrain.model.config import ConfigError, ModelConfig, read_json
+from minitrain.model.decoding_heads import CONFIG_FIELD as HEADS_FIELD
+from minitrain.model.decoding_heads import heads_from_description
+from minitrain.model.tokenizer import Tokenizer, TokenizerError
+from minitrain.model.transformer import CausalLM, RotaryEmbedding
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

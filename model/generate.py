@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import sample
-from model.transformer import CausalLM, KVCache
+from minitrain.kernels import sample
+from minitrain.model.transformer import CausalLM, KVCache
 
 
 @dataclass

@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.checkpoint import check_model_dir, load_tokenizer, load_weights, save_checkpoint
-from model.config import ConfigError, ModelConfig, read_json
-from model.transformer import CausalLM, RotaryEmbedding
+from minitrain.model.checkpoint import check_model_dir, load_tokenizer, load_weights, save_checkpoint
+from minitrain.model.config import ConfigError, ModelConfig, read_json
+from minitrain.model.transformer import CausalLM, RotaryEmbedding
 
 SEQUENCE_CLASSIFICATION = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
                            "qwen3": "Qwen3ForSequenceClassification",

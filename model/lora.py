@@ -34,8 +34,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.checkpoint import fsync_dir
-from model.config import ConfigError, read_json
+from minitrain.model.checkpoint import fsync_dir
+from minitrain.model.config import ConfigError, read_json
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"

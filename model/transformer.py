@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import fused_linear_cross_entropy
-from model.config import ModelConfig
+from minitrain.kernels import fused_linear_cross_entropy
+from minitrain.model.config import ModelConfig
 
 IGNORE_INDEX = -100
 

@@ -4,6 +4,7 @@
 # test session (about a minute and a half on 2 CPU cores), for the tests of the methods that start from an SFT model
 # (DPO, RL, distillation). Tests must copy what they change; the directories are shared. Under pytest-xdist (the
 # default, pyproject.toml) the workers share one copy: the first to need it trains it, the others wait on a lock.
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +14,16 @@ import pytest
 from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Refuse to run with the repository root on sys.path (`pytest` puts the current directory there): its
+    folders would import under generic names, and kernels/ would hide Hugging Face's `kernels` package from
+    transformers and peft."""
+    spec = importlib.util.find_spec("kernels")
+    if spec is not None and spec.origin and Path(spec.origin).resolve().is_relative_to(REPO):
+        pytest.exit(f"the repository root {REPO} is on sys.path, so kernels/ shadows Hugging Face's `kernels` "
+                    "package: run the tests with `pytest tests` (not `pytest` from the root)", returncode=4)
 
 
 def script_env() -> dict:

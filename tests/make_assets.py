@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from model.checkpoint import load_model, save_checkpoint
+from minitrain.model.checkpoint import load_model, save_checkpoint
 
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mini-pretrained")
 

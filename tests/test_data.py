@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_data.py
+# Run: pytest tests/test_data.py
 # The data layer: JSON/JSONL readers and their file:line:field errors, the row formats of each phase, the mixer
 # (realised weights, upsampling, held-out rows, determinism, bad mixtures, malformed-row fractions), and the token
 # cache (reuse, rebuild, packing).
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataset import formats
-from dataset.jsonl import DataError, iter_rows, read_jsonl
-from dataset.mixer import format_summary, load_mixture, load_prepared, prepare_mixture, resolve_mixture, shares
-from dataset.pretokenize import PackedTokenDataset, build_token_cache
-from model.checkpoint import load_tokenizer
-from model.tokenizer import render_chat_text
+from minitrain.dataset import formats
+from minitrain.dataset.jsonl import DataError, iter_rows, read_jsonl
+from minitrain.dataset.mixer import format_summary, load_mixture, load_prepared, prepare_mixture, resolve_mixture, shares
+from minitrain.dataset.pretokenize import PackedTokenDataset, build_token_cache
+from minitrain.model.checkpoint import load_tokenizer
+from minitrain.model.tokenizer import render_chat_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_distill.py -q --durations=10
+# Run: pytest tests/test_distill.py -q --durations=10
 # Distillation (trainer/train_distill.py): forward KL, reverse KL and the generalised JSD equal their formulas on
 # hand-made logits (temperature and the T^2 convention included, the JSD's endpoints as documented); the fused path
 # equals the naive full-logits one, gradients too, at odd shapes and chunk sizes; the chunked argmax agreement; the
@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, run_script
-from dataset.chat import tokenize_conversation
-from eval.tasks import get_task, score_row, training_seed
-from model.checkpoint import load_tokenizer, save_checkpoint
-from model.config import load_model_config
-from model.transformer import CausalLM
-from trainer.train_distill import (divergence, head_argmax, is_on_policy, last_answer_start, main, objective,
-                                   token_agreement)
+from minitrain.dataset.chat import tokenize_conversation
+from minitrain.eval.tasks import get_task, score_row, training_seed
+from minitrain.model.checkpoint import load_tokenizer, save_checkpoint
+from minitrain.model.config import load_model_config
+from minitrain.model.transformer import CausalLM
+from minitrain.trainer.train_distill import (divergence, head_argmax, is_on_policy, last_answer_start, main, objective,
+                                             token_agreement)
 
 LOSSES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)]
 

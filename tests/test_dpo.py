@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_dpo.py -q --durations=10
+# Run: pytest tests/test_dpo.py -q --durations=10
 # Preference training (trainer/train_dpo.py) and pair making (trainer/make_pairs.py): each loss equals its formula on
 # hand-made log-probabilities; the β-DPO and risk-aware beta rules and the β-DPO filter equal their written rules on
 # hand-made gaps; the answer mask covers exactly each answer and its <|im_end|>; the concatenated [2B, T] forward
@@ -21,35 +21,19 @@ import pytest
 import torch
 from conftest import run_script
 
-from dataset.embedded import ensure_embedded_data
-from dataset.formats import normalize_preference
-from dataset.preference import PreferenceDataset, collate_pairs
-from model.checkpoint import load_model, load_tokenizer, save_checkpoint
-from model.config import load_model_config
-from model.lora import LoRAConfig, apply_lora
-from model.transformer import CausalLM
-from trainer import make_pairs, train_dpo
-from trainer.runtime import DistInfo
-from trainer.train_dpo import (
-    BetaTracker,
-    DPOConfig,
-    beta_dpo_beta,
-    cached_reference_logps,
-    compute_reference_logps,
-    filter_pairs,
-    gap_weights,
-    hinge_loss,
-    ipo_loss,
-    live_reference_logps,
-    pair_losses,
-    quantile_update,
-    reference_cache_path,
-    reference_fingerprint,
-    risk_beta,
-    sequence_logps,
-    sft_loss,
-    sigmoid_loss,
-)
+from minitrain.dataset.embedded import ensure_embedded_data
+from minitrain.dataset.formats import normalize_preference
+from minitrain.dataset.preference import PreferenceDataset, collate_pairs
+from minitrain.model.checkpoint import load_model, load_tokenizer, save_checkpoint
+from minitrain.model.config import load_model_config
+from minitrain.model.lora import LoRAConfig, apply_lora
+from minitrain.model.transformer import CausalLM
+from minitrain.trainer import make_pairs, train_dpo
+from minitrain.trainer.runtime import DistInfo
+from minitrain.trainer.train_dpo import (BetaTracker, DPOConfig, beta_dpo_beta, cached_reference_logps,
+                                         compute_reference_logps, filter_pairs, gap_weights, hinge_loss, ipo_loss,
+                                         live_reference_logps, pair_losses, quantile_update, reference_cache_path,
+                                         reference_fingerprint, risk_beta, sequence_logps, sft_loss, sigmoid_loss)
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_RANKS_TOLERANCE = 1e-4      # logged losses of 2 ranks vs 1 rank with 2x accumulation (float summation order)
@@ -290,7 +274,7 @@ def common(checkpoints, out, *extra) -> list[str]:
 def test_dpo_raises_reward_accuracy_and_keeps_task_accuracy(trained_checkpoints, tmp_path):
     """The embedded pairs of one-digit arithmetic ("What is 7 + 4?") and sorting (599 pairs): 120 held out for
     validation, 40 steps of 8 pairs from the session's SFT model, sigmoid loss (DPO) at beta 0.5."""
-    from eval.task_eval import evaluate_tasks
+    from minitrain.eval.task_eval import evaluate_tasks
     rows = [r for r in embedded_rows() if re.fullmatch(r"What is \d [-+*] \d\?", r["prompt"]) or
             r["prompt"].startswith("Sort")]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

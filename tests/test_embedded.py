@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_embedded.py
+# Run: pytest tests/test_embedded.py
 # The embedded data (dataset/embedded.py): byte-identical on every build, well-formed rows in every file, answers
 # that the task checkers accept, only missing or stale files rebuilt, documentation independent of what the calling
 # process imported, and the CLI's one-line error.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dataset.embedded import FILES, EmbeddedConfig, documentation, ensure_embedded_data, read_documentation
-from eval.tasks import Problem, extract_answer, get_task, score_row
+from minitrain.dataset.embedded import FILES, EmbeddedConfig, documentation, ensure_embedded_data, read_documentation
+from minitrain.eval.tasks import Problem, extract_answer, get_task, score_row
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = EmbeddedConfig(pretrain_task_docs=20, midtrain_rows=30, midtrain_doc_rows=10, sft_task_rows=40,
@@ -160,11 +160,11 @@ def test_documentation_does_not_depend_on_what_the_caller_imported(monkeypatch):
 
 def test_cli_builds_and_rejects_bad_counts(tmp_path):
     out = tmp_path / "cli"
-    run = subprocess.run([sys.executable, "-m", "dataset.embedded", "--out", str(out), "--sft_task_rows", "5",
+    run = subprocess.run([sys.executable, "-m", "minitrain.dataset.embedded", "--out", str(out), "--sft_task_rows", "5",
                           "--rlaif_rows", "7"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert len(read_rows(str(out / "rlaif.jsonl"))) == 7 and "rlaif.jsonl: 7 rows" in run.stdout
-    run = subprocess.run([sys.executable, "-m", "dataset.embedded", "--out", str(tmp_path / "bad"), "--dpo_rows", "-1"],
+    run = subprocess.run([sys.executable, "-m", "minitrain.dataset.embedded", "--out", str(tmp_path / "bad"), "--dpo_rows", "-1"],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2 and "dpo_rows" in run.stderr and run.stderr.strip().count("\n") == 0
     assert not (tmp_path / "bad").exists()

@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_eval_stats.py
+# Run: pytest tests/test_eval_stats.py
 # eval/stats.py: the regularized incomplete beta function and the Jeffreys interval against scipy's Beta
 # distribution (computed independently); pass@k against the binomial closed form and hand-worked cases; score
 # summaries, the weighted aggregate, Pareto dominance and the frontier on hand-made numbers.
@@ -8,8 +8,9 @@ from fractions import Fraction
 import pytest
 from scipy.stats import beta as scipy_beta
 
-from eval.stats import (beta_cdf, beta_ppf, dominance_pairs, dominates, interval_key, jeffreys_interval,
-                        pareto_frontier, pass_at_k, pass_at_k_values, summarize, weighted_aggregate, paired_changes, sign_test)
+from minitrain.eval.stats import (beta_cdf, beta_ppf, dominance_pairs, dominates, interval_key, jeffreys_interval,
+                                   pareto_frontier, pass_at_k, pass_at_k_values, summarize, weighted_aggregate,
+                                   paired_changes, sign_test)
 
 
 @pytest.mark.parametrize("a,b", [(0.5, 0.5), (0.5, 20.5), (20.5, 0.5), (3.5, 7.5), (1.0, 1.0), (150.5, 350.5),

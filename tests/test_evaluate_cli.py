@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_evaluate_cli.py
+# Run: pytest tests/test_evaluate_cli.py
 # Task evaluation end to end: evaluate_tasks with a scripted generator (known right/wrong answers, so accuracy,
 # interval, pass@k and the aggregate have exact expected values); the evaluation prompt is the chat format of the
 # training data; eval/evaluate.py on a tiny random checkpoint writes the JSON with every key and self-consistent
@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import compare, evaluate, task_eval
-from eval.stats import jeffreys_interval, pass_at_k
-from eval.task_eval import evaluate_tasks, task_metrics
-from eval.tasks import EVAL_SEED, TASK_NAMES, get_task, training_seed
-from model.checkpoint import load_model, load_tokenizer, save_checkpoint
-from model.config import load_model_config
-from model.generate import GenerationOutput, generate
-from model.transformer import CausalLM
+from minitrain.eval import compare, evaluate, task_eval
+from minitrain.eval.stats import jeffreys_interval, pass_at_k
+from minitrain.eval.task_eval import evaluate_tasks, task_metrics
+from minitrain.eval.tasks import EVAL_SEED, TASK_NAMES, get_task, training_seed
+from minitrain.model.checkpoint import load_model, load_tokenizer, save_checkpoint
+from minitrain.model.config import load_model_config
+from minitrain.model.generate import GenerationOutput, generate
+from minitrain.model.transformer import CausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"accuracy", "num_samples", "ci80", "mean", "std", "median", "success_rate"}
@@ -207,7 +207,7 @@ def test_batched_greedy_answers_equal_one_at_a_time_generation(tiny_checkpoint, 
 
 
 def test_evaluate_with_adapter_answers_with_the_adapted_model(tmp_path, tiny_checkpoint, tokenizer):
-    from model.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
+    from minitrain.model.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
     model, tok = load_model(tiny_checkpoint)
     apply_lora(model, LoRAConfig(rank=2, alpha=4.0))
     torch.manual_seed(1)
@@ -233,7 +233,7 @@ def test_evaluate_with_adapter_answers_with_the_adapted_model(tmp_path, tiny_che
 
 
 def test_adapter_without_lora_module_is_a_clear_error(monkeypatch, tmp_path, tiny_checkpoint):
-    monkeypatch.setitem(sys.modules, "model.lora", None)      # as in a build without model/lora.py
+    monkeypatch.setitem(sys.modules, "minitrain.model.lora", None)      # as in a build without model/lora.py
     with pytest.raises(evaluate.UsageError, match=r"^--adapter needs model/lora.py \(LoRA support\), not available"):
         evaluate.main(["--model", tiny_checkpoint, "--adapter", str(tmp_path), "--tasks", "sat", "--device", "cpu"])
 

@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_grpo.py
+# Run: pytest tests/test_grpo.py
 # GRPO (trainer/train_grpo.py) and the RL pieces of the runtime: group advantages under each scaling, the clipped
 # surrogate with separate low/high bounds, the k3 KL estimator, each loss aggregation, rollout layout and
 # log-probabilities against full logits; end to end a short run on the embedded prompts, and 2 ranks whose
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import run_script
-from model.config import load_model_config
-from model.transformer import CausalLM
-from trainer.runtime import clipped_surrogate, gather_logprobs, k3_kl, pack_sequences, rollout
-from trainer.train_grpo import aggregate_loss, group_advantages
+from minitrain.model.config import load_model_config
+from minitrain.model.transformer import CausalLM
+from minitrain.trainer.runtime import clipped_surrogate, gather_logprobs, k3_kl, pack_sequences, rollout
+from minitrain.trainer.train_grpo import aggregate_loss, group_advantages
 
 
 def test_group_advantages_under_each_scaling():
@@ -122,9 +122,9 @@ def test_two_ranks_keep_identical_parameters(trained_checkpoints, tmp_path):
 
 DRIFT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
-    from model.config import load_model_config
-    from model.transformer import CausalLM
-    from trainer.runtime import check_replicas, setup_distributed
+    from minitrain.model.config import load_model_config
+    from minitrain.model.transformer import CausalLM
+    from minitrain.trainer.runtime import check_replicas, setup_distributed
     info = setup_distributed("cpu")
     torch.manual_seed(0)
     model = CausalLM(load_model_config("tiny"))
@@ -154,8 +154,8 @@ def test_check_replicas_catches_ranks_that_drift_apart(tmp_path):
 
 
 def test_grpo_takes_its_reward_from_a_reward_model(trained_checkpoints, tmp_path):
-    from model.checkpoint import load_model
-    from model.heads import RewardModel, save_reward_model
+    from minitrain.model.checkpoint import load_model
+    from minitrain.model.heads import RewardModel, save_reward_model
     policy, tokenizer = load_model(trained_checkpoints["sft"])
     torch.manual_seed(0)
     save_reward_model(RewardModel.from_trunk(policy), tokenizer, str(tmp_path / "rm"))     # a random score head

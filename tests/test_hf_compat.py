@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_hf_compat.py
+# Run: pytest tests/test_hf_compat.py
 # Both directions of Hugging Face compatibility on tiny random models that transformers builds (test-only peer):
 # their checkpoints load into our model with the same logits, ours load in transformers with the same logits (tied
 # and untied heads, linear / YaRN / Llama-3 rope scaling, sharded safetensors included), a config.json that leaves
@@ -12,10 +12,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from model.checkpoint import load_model, save_checkpoint  # noqa: E402
-from model.config import ModelConfig, load_model_config  # noqa: E402
-from model.generate import generate  # noqa: E402
-from model.transformer import CausalLM  # noqa: E402
+from minitrain.model.checkpoint import load_model, save_checkpoint  # noqa: E402
+from minitrain.model.config import ModelConfig, load_model_config  # noqa: E402
+from minitrain.model.generate import generate  # noqa: E402
+from minitrain.model.transformer import CausalLM  # noqa: E402
 
 COMMON = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,

@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_kernels_loss.py
+# Run: pytest tests/test_kernels_loss.py
 # The chunked PyTorch loss heads (kernels/cross_entropy.py, logprobs.py, kl.py; the CPU default) against the naive
 # references in kernels/reference.py: forward and backward in fp32 at tight tolerances, odd shapes over many chunks,
 # ignored and all-ignored rows, huge and tiny logits, label smoothing, z-loss, softcap, every reduction, temperature,
@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels.backend
-import kernels.cross_entropy
-from kernels import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
-from kernels.reference import cross_entropy_reference, kl_reference, logprobs_reference
+from minitrain.kernels import backend, cross_entropy, fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs
+from minitrain.kernels.reference import cross_entropy_reference, kl_reference, logprobs_reference
 
 N, H, V = 37, 19, 301          # multiples of no block size
 
@@ -117,13 +115,12 @@ def test_weight_gradient_accumulates_in_fp32_across_chunks(monkeypatch):
 
 def test_no_gradient_work_when_no_graph_is_recorded(monkeypatch):
     # under torch.no_grad (evaluation) the loss must not compute gradients in its forward pass
-    import kernels.cross_entropy
-    import kernels.kl
+    from minitrain.kernels import kl as kl_module
 
     def must_not_run(*args):
         raise AssertionError("gradient computed under torch.no_grad")
-    monkeypatch.setattr(kernels.cross_entropy, "accumulate_weight_grad", must_not_run)
-    monkeypatch.setattr(kernels.kl, "accumulate_weight_grad", must_not_run)
+    monkeypatch.setattr(cross_entropy, "accumulate_weight_grad", must_not_run)
+    monkeypatch.setattr(kl_module, "accumulate_weight_grad", must_not_run)
     hidden, weight, labels = make_inputs(seed=15)
     with torch.no_grad():
         loss = fused_linear_cross_entropy(hidden, weight, labels)
@@ -202,15 +199,15 @@ def test_cpu_row_blocks_give_bit_identical_results(monkeypatch, dtype):
         return [t.detach() for item in outputs for t in (item if isinstance(item, tuple) else (item,))]
 
     one_block = every_output()                               # a block of 4 MB holds every 8-row chunk whole
-    monkeypatch.setattr(kernels.backend, "CPU_ROW_BLOCK_BYTES", 3 * V * 4)
-    assert kernels.backend.row_blocks(torch.empty(8, V)) == [(0, 3), (3, 6), (6, 8)]
+    monkeypatch.setattr(backend, "CPU_ROW_BLOCK_BYTES", 3 * V * 4)
+    assert backend.row_blocks(torch.empty(8, V)) == [(0, 3), (3, 6), (6, 8)]
     blocked = every_output()
     assert len(blocked) == len(one_block) == 20
     for actual, expected in zip(blocked[:11], one_block[:11]):     # cross-entropy and log-probs: every bit
         assert torch.equal(actual, expected)
     for actual, expected in zip(blocked[11:], one_block[11:]):     # KL: its row sums are a batched matmul, whose
         assert_close(actual, expected, atol=1e-7 * expected.abs().max().item(), rtol=1e-6)   # last bit may move
-    assert kernels.backend.row_blocks(torch.empty(8, V, device="meta")) == [(0, 8)]   # one block off the CPU
+    assert backend.row_blocks(torch.empty(8, V, device="meta")) == [(0, 8)]   # one block off the CPU
 
 
 def bf16_error(fn, ref_fn, hidden, weight, labels):
@@ -444,12 +441,12 @@ def test_kl_tiny_and_huge_logits(scale):
 def test_chunk_size_follows_the_memory_budget_not_the_shape(monkeypatch):
     # the rows per chunk depend on the budget and V only: the same for H = 8 and H = 64, and N spans many chunks
     seen = []
-    row_op = kernels.cross_entropy.ce_rows_torch
+    row_op = cross_entropy.ce_rows_torch
 
     def spy(logits, *args):
         seen.append(logits.shape[0])
         return row_op(logits, *args)
-    monkeypatch.setattr(kernels.cross_entropy, "ce_rows_torch", spy)
+    monkeypatch.setattr(cross_entropy, "ce_rows_torch", spy)
     budget_rows = 10
     monkeypatch.setenv("KERNELS_CHUNK_MB", str(budget_rows * V * (4 + 12) / 2**20))   # fp32 logits + torch extras
     for h in (8, 64):
@@ -492,7 +489,7 @@ def test_losses_have_no_host_sync():
 
 
 def test_backend_defaults_and_override(monkeypatch):
-    from kernels.backend import resolve_backend
+    from minitrain.kernels.backend import resolve_backend
     monkeypatch.delenv("KERNELS_BACKEND")
     assert resolve_backend(torch.device("cpu")) == "torch"               # CPU default: the chunked PyTorch path
     assert resolve_backend(torch.device("cuda")) == "triton"             # CUDA default: the Triton kernels

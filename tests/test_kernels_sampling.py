@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_kernels_sampling.py
+# Run: pytest tests/test_kernels_sampling.py
 # kernels.sample on the PyTorch path (the CPU default): draws follow exactly the filtered distribution of
 # kernels.reference.filtered_probs_reference (chi-square tests at fixed seeds), top_k=1 is argmax, per-row settings,
 # top-p / min-p edge cases, ties at the top-k boundary, NaN and all -inf rows, reproducibility from a seed, and the
@@ -7,9 +7,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import kernels.sampling
-from kernels import sample
-from kernels.reference import filtered_probs_reference
+from minitrain.kernels import sample, sampling
+from minitrain.kernels.reference import filtered_probs_reference
 
 
 @pytest.fixture(autouse=True)
@@ -167,12 +166,12 @@ def test_same_seed_same_tokens_and_bad_arguments():
 def compactions(monkeypatch):
     """Counts how often sample_torch compacts the rows to candidates."""
     calls = []
-    original = kernels.sampling._in_vocab_order
+    original = sampling._in_vocab_order
 
     def spy(indices, *tensors):
         calls.append(indices.shape[1])
         return original(indices, *tensors)
-    monkeypatch.setattr(kernels.sampling, "_in_vocab_order", spy)
+    monkeypatch.setattr(sampling, "_in_vocab_order", spy)
     return calls
 
 
@@ -183,10 +182,10 @@ def test_top_k_candidates_draw_the_tokens_of_the_whole_vocabulary_path(compactio
     u = torch.rand(B + 1, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     settings = dict(temperature=torch.linspace(0.5, 1.5, B + 1), top_k=torch.randint(1, 40, (B + 1,)),
                     top_p=torch.linspace(0.3, 1.0, B + 1), min_p=torch.linspace(0.0, 0.2, B + 1))
-    compact = kernels.sampling.sample_torch(logits[:B], *(v[:B] for v in settings.values()), u[:B])
+    compact = sampling.sample_torch(logits[:B], *(v[:B] for v in settings.values()), u[:B])
     assert len(compactions) == 1
     settings["top_k"][B] = 0
-    full = kernels.sampling.sample_torch(logits, *settings.values(), u)
+    full = sampling.sample_torch(logits, *settings.values(), u)
     assert len(compactions) == 1                                             # no compaction this time
     assert torch.equal(compact, full[:B])
 
@@ -198,15 +197,15 @@ def test_top_p_nucleus_candidates_draw_the_tokens_of_the_whole_vocabulary_path(c
     logits[5, 7] = 30.0                                                      # ... or here only the one on top
     u = torch.rand(B, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     ones = torch.ones(B)
-    tries = kernels.sampling._NUCLEUS_CANDIDATES
+    tries = sampling._NUCLEUS_CANDIDATES
     for top_p in (0.9, 0.5, 0.0):
         args = (logits, ones * 0.9, torch.zeros(B, dtype=torch.long), ones * top_p, ones * 0.01, u)
         compactions.clear()
-        compact = kernels.sampling.sample_torch(*args)
+        compact = sampling.sample_torch(*args)
         assert compactions == [256]
-        monkeypatch.setattr(kernels.sampling, "_NUCLEUS_CANDIDATES", ())      # force the bisection over V
-        full = kernels.sampling.sample_torch(*args)
-        monkeypatch.setattr(kernels.sampling, "_NUCLEUS_CANDIDATES", tries)
+        monkeypatch.setattr(sampling, "_NUCLEUS_CANDIDATES", ())      # force the bisection over V
+        full = sampling.sample_torch(*args)
+        monkeypatch.setattr(sampling, "_NUCLEUS_CANDIDATES", tries)
         assert torch.equal(compact, full)
     assert compact[5] == 7
     # a flat row's nucleus does not fit in 256 candidates: the whole batch takes the bisection over V

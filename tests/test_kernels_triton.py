@@ -1,9 +1,9 @@
-# Run: python -m pytest tests/test_kernels_triton.py
+# Run: pytest tests/test_kernels_triton.py
 # The Triton kernels (kernels/*_triton.py) against the naive references. On a CPU machine they run in Triton's
 # interpreter (fp32 only, small shapes): Triton decides interpreted or compiled when it is imported, so this file
 # imports it, and our kernels, with TRITON_INTERPRET=1 and then restores the environment (the fixture below sets the
 # variable again for these tests alone). Tests marked gpu run the compiled kernels in bf16 on CUDA:
-#   python -m pytest tests/test_kernels_triton.py -m gpu      (on a CUDA machine)
+#   pytest tests/test_kernels_triton.py -m gpu      (on a CUDA machine)
 import os
 import sys
 
@@ -14,21 +14,19 @@ INTERPRET = not torch.cuda.is_available()
 if INTERPRET:
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("triton was imported before this file could set TRITON_INTERPRET=1; "
-                           "run: TRITON_INTERPRET=1 python -m pytest tests/test_kernels_triton.py")
+                           "run: TRITON_INTERPRET=1 pytest tests/test_kernels_triton.py")
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    import kernels.cross_entropy_triton  # noqa: E402,F401  (Triton and the kernels, built for the interpreter)
-    import kernels.kl_triton  # noqa: E402,F401
-    import kernels.logprobs_triton  # noqa: E402,F401
-    import kernels.sampling_triton  # noqa: E402,F401
+    # Triton and the kernels, built for the interpreter
+    from minitrain.kernels import cross_entropy_triton, kl_triton, logprobs_triton, sampling_triton  # noqa: F401
     if saved is None:
         del os.environ["TRITON_INTERPRET"]
     else:
         os.environ["TRITON_INTERPRET"] = saved
 
-from kernels import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs, sample  # noqa: E402
-from kernels.reference import (cross_entropy_reference, filtered_probs_reference, kl_reference,  # noqa: E402
-                               logprobs_reference)
+from minitrain.kernels import fused_linear_cross_entropy, fused_linear_kl, fused_linear_logprobs, sample  # noqa: E402
+from minitrain.kernels.reference import (cross_entropy_reference, filtered_probs_reference, kl_reference,  # noqa: E402
+                                         logprobs_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, H, V = 37, 19, 301

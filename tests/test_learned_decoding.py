@@ -1,4 +1,4 @@
-# Run: python -m pytest -q tests/test_learned_decoding.py
+# Run: pytest -q tests/test_learned_decoding.py
 # Learned decoding (model/decoding_heads.py): T* and the hinge against hand-computed numbers and against the sampler's
 # own min-p / top-p rules, the goldilocks filter's fractions on hand-made batches (including the fill from the other
 # bucket), heads saved and loaded with the model (absent when off; transformers still loads the checkpoint), a short
@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dataset.chat import ChatDataset, collate_chat
-from kernels.reference import filtered_probs_reference
-from model import generate as generate_module
-from model.checkpoint import load_model, load_weights, save_checkpoint
-from model.config import load_model_config
-from model.decoding_heads import (TEMPERATURE_FLOOR, DecodingHeads, HeadsObjective, attach_decoding_heads,
-                                  easy_hard_temperatures, goldilocks_select, min_p_temperature_target,
-                                  temperature_hinge_loss, top_p_target)
-from model.generate import generate
-from model.transformer import CausalLM
-from tests.conftest import run_script
+from minitrain.dataset.chat import ChatDataset, collate_chat
+from minitrain.kernels.reference import filtered_probs_reference
+from minitrain.model import generate as generate_module
+from minitrain.model.checkpoint import load_model, load_weights, save_checkpoint
+from minitrain.model.config import load_model_config
+from minitrain.model.decoding_heads import (TEMPERATURE_FLOOR, DecodingHeads, HeadsObjective, attach_decoding_heads,
+                                            easy_hard_temperatures, goldilocks_select, min_p_temperature_target,
+                                            temperature_hinge_loss, top_p_target)
+from minitrain.model.generate import generate
+from minitrain.model.transformer import CausalLM
+from conftest import run_script
 
 LN10 = math.log(10.0)
 

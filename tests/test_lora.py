@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_lora.py
+# Run: pytest tests/test_lora.py
 # LoRA adapters (model/lora.py): the adapter formula, merging, switching adapters off, which layers "all-linear"
 # picks, trainable-parameter counts, training that moves only adapter tensors, torch.compile, and adapter files in
 # PEFT's layout (key names, round trip, bad directories; PEFT itself loads ours and we load PEFT's when installed).
@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.checkpoint import load_model, save_checkpoint
-from model.config import ConfigError, load_model_config
-from model.lora import (LoRAConfig, LoRALinear, adapters_disabled, apply_lora, count_trainable, load_adapter,
-                        lora_layers, merge_lora, parse_targets, save_adapter)
-from model.transformer import CausalLM
+from minitrain.model.checkpoint import load_model, save_checkpoint
+from minitrain.model.config import ConfigError, load_model_config
+from minitrain.model.lora import (LoRAConfig, LoRALinear, adapters_disabled, apply_lora, count_trainable, load_adapter,
+                                  lora_layers, merge_lora, parse_targets, save_adapter)
+from minitrain.model.transformer import CausalLM
 
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

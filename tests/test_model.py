@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_model.py
+# Run: pytest tests/test_model.py
 # The transformer's own properties: padding invariance, KV cache equivalence, gradient checkpointing, MoE routing and
 # its auxiliary loss, parameter counts, generation controls, and one-line errors for bad configs.
 import json
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from eval import chat
-from model.checkpoint import load_model, load_tokenizer, save_checkpoint
-from model.config import ConfigError, ModelConfig, load_model_config
-from model.generate import apply_repetition_penalty, generate, seen_tokens
-from model.transformer import CausalLM, load_balancing_loss
+from minitrain.eval import chat
+from minitrain.model.checkpoint import load_model, load_tokenizer, save_checkpoint
+from minitrain.model.config import ConfigError, ModelConfig, load_model_config
+from minitrain.model.generate import apply_repetition_penalty, generate, seen_tokens
+from minitrain.model.transformer import CausalLM, load_balancing_loss
 
 
 def tiny(**overrides):
@@ -169,7 +169,7 @@ def test_moe_output_is_normalised_topk_mixture():
 
 
 def test_save_load_roundtrip_with_tokenizer_and_vocab_check(tmp_path):
-    from model.checkpoint import load_tokenizer
+    from minitrain.model.checkpoint import load_tokenizer
     tok = load_tokenizer("dataset/tokenizer")
     model = tiny()
     save_checkpoint(model, tok, str(tmp_path / "ckpt"), extra_json={"step": 3})
@@ -380,7 +380,7 @@ def test_damaged_weights_unknown_dtype_and_file_paths_are_config_errors(tmp_path
 
 
 def test_chat_cli_prints_only_the_completion(tmp_path):
-    from model.checkpoint import load_tokenizer
+    from minitrain.model.checkpoint import load_tokenizer
     tok = load_tokenizer("dataset/tokenizer")
     model = tiny()
     save_checkpoint(model, tok, str(tmp_path / "m"))

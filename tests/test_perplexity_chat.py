@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_perplexity_chat.py
+# Run: pytest tests/test_perplexity_chat.py
 # eval/perplexity.py and eval/chat.py on tiny random checkpoints, in process (cli(argv) returns the exit status):
 # perplexity equals exp(mean NLL) computed independently with F.cross_entropy on full logits, with and without a
 # LoRA adapter; chat passes its flags to generate, --system and --raw shape the prompt, --raw stops at <|endoftext|>,
@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval import chat, perplexity
-from model.checkpoint import load_model, load_tokenizer, save_checkpoint
-from model.config import load_model_config
-from model.generate import generate
-from model.lora import LoRAConfig, apply_lora, save_adapter
-from model.transformer import CausalLM
+from minitrain.eval import chat, perplexity
+from minitrain.model.checkpoint import load_model, load_tokenizer, save_checkpoint
+from minitrain.model.config import load_model_config
+from minitrain.model.generate import generate
+from minitrain.model.lora import LoRAConfig, apply_lora, save_adapter
+from minitrain.model.transformer import CausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["The quick brown fox jumps over the lazy dog, then naps in the sun for a while.",

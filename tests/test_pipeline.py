@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_pipeline.py
+# Run: pytest tests/test_pipeline.py
 # trainer/pipeline.py end to end on a shortened config (pretraining and SFT, a few steps each, then evaluation and
 # the comparison), the skipping of finished stages, and its one-line errors.
 import json

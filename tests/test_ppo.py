@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_ppo.py
+# Run: pytest tests/test_ppo.py
 # PPO with a critic (trainer/train_ppo.py, model/heads.py): GAE against the hand-written recursion (gamma, lambda
 # below 1, a completion that ends early), the per-token KL rewards, clipped policy and value losses, masked whitening,
 # explained variance, approximate KL and the adaptive KL controller against their formulas; end to end a short run
@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_script
-from model.checkpoint import load_model
-from model.config import load_model_config
-from model.heads import RewardModel, ValueHead, ValueModel, save_reward_model
-from model.transformer import CausalLM
-from trainer.runtime import clipped_surrogate
-from trainer.train_ppo import (adaptive_kl_update, approx_kl, explained_variance, gae, main, per_token_rewards,
-                               value_loss, whiten)
+from minitrain.model.checkpoint import load_model
+from minitrain.model.config import load_model_config
+from minitrain.model.heads import RewardModel, ValueHead, ValueModel, save_reward_model
+from minitrain.model.transformer import CausalLM
+from minitrain.trainer.runtime import clipped_surrogate
+from minitrain.trainer.train_ppo import (adaptive_kl_update, approx_kl, explained_variance, gae, main,
+                                         per_token_rewards, value_loss, whiten)
 
 
 def test_gae_equals_the_hand_written_recursion():

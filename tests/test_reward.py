@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_reward.py
+# Run: pytest tests/test_reward.py
 # Reward model (model/heads.py, trainer/train_reward.py): the Bradley-Terry loss equals its formula, scores are read
 # at the last real token whatever the padding, pairs are laid out as PPO scores them with per-row margins; end to end
 # a short run from the SFT model lowers the loss and lifts validation accuracy above 0.8, and transformers'
@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import REPO, run_script
 
-from dataset.embedded import ensure_embedded_data
-from dataset.formats import normalize_preference
-from model.checkpoint import load_tokenizer
-from model.config import load_model_config
-from model.heads import RewardModel, last_token_index, load_reward_model
-from model.transformer import CausalLM
-from trainer.runtime import DEFAULT_TOKENIZER_DIR
-from trainer.train_reward import PairDataset, bradley_terry_loss, collate_pairs, main
+from minitrain.dataset.embedded import ensure_embedded_data
+from minitrain.dataset.formats import normalize_preference
+from minitrain.model.checkpoint import load_tokenizer
+from minitrain.model.config import load_model_config
+from minitrain.model.heads import RewardModel, last_token_index, load_reward_model
+from minitrain.model.transformer import CausalLM
+from minitrain.trainer.runtime import DEFAULT_TOKENIZER_DIR
+from minitrain.trainer.train_reward import PairDataset, bradley_terry_loss, collate_pairs, main
 
 
 def test_bradley_terry_loss_equals_its_formula():

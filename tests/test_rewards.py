@@ -1,10 +1,10 @@
-# Run: python -m pytest tests/test_rewards.py
+# Run: pytest tests/test_rewards.py
 # Reward functions (eval/rewards.py): exact answers through the task checkers, the format reward, the partial-credit
 # tiers and each task's closeness, the length penalty, combining several with weights, and loading module:function.
 import pytest
 
-from eval.rewards import CombinedReward, RewardError, load_reward, parse_reward_flags
-from eval.tasks import EVAL_SEED, get_task
+from minitrain.eval.rewards import CombinedReward, RewardError, load_reward, parse_reward_flags
+from minitrain.eval.tasks import EVAL_SEED, get_task
 
 
 def columns(task_name: str, count: int = 3):
@@ -90,14 +90,14 @@ def test_length_penalty():
     assert reward(["", "", ""], ["a" * 100, "a" * 600, "a" * 5000]) == [0.0, -0.5, -1.0]
 
 
-def double_length(prompts, completions, **rows):   # a user reward, loaded as tests.test_rewards:double_length
+def double_length(prompts, completions, **rows):   # a user reward, loaded as test_rewards:double_length
     return [2.0 * len(c) for c in completions]
 
 
 def test_combined_rewards_weigh_and_keep_each_function():
     prompts, rows, problems = columns("arithmetic", 2)
     completions = [answer(problems[0].answer), "<answer>nonsense</answer>"]
-    reward = parse_reward_flags("exact_answer, format, tests.test_rewards:double_length", "1, 0.5, 0.01")
+    reward = parse_reward_flags("exact_answer, format, test_rewards:double_length", "1, 0.5, 0.01")
     total, each = reward(prompts, completions, rows)
     assert each["exact_answer"] == [1.0, 0.0] and each["format"] == [1.0, 0.5]
     assert total == pytest.approx([1.0 + 0.5 + 0.02 * len(completions[0]), 0.25 + 0.02 * len(completions[1])])
@@ -109,10 +109,10 @@ def test_reward_errors_name_the_reward():
     with pytest.raises(RewardError, match="cannot import no_such_module"):
         load_reward("no_such_module:f")
     with pytest.raises(RewardError, match="has no function missing"):
-        load_reward("tests.test_rewards:missing")
+        load_reward("test_rewards:missing")
     with pytest.raises(RewardError, match="2 reward functions but 1 weights"):
         CombinedReward(["format", "exact_answer"], [1.0])
-    bad = CombinedReward(["tests.test_rewards:answer"])      # returns a string, not a list of floats
+    bad = CombinedReward(["test_rewards:answer"])      # returns a string, not a list of floats
     with pytest.raises(RewardError, match="returned str"):
         bad(["p"], ["c"], {})
     with pytest.raises(RewardError, match="needs prompt rows with fields"):

@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_rl_raises_reward.py
+# Run: pytest tests/test_rl_raises_reward.py
 # GRPO, SPO and PPO really optimise their reward: from the tiny SFT model, a dozen steps on a reward the model can
 # move quickly (the fraction of digits in the completion, a user reward passed as module:function) must raise the
 # mean reward well above where it started. Gain of the mean of the last three steps over the first three on 2 CPU

@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_runtime.py
+# Run: pytest tests/test_runtime.py
 # The shared training runtime (trainer/runtime.py) piece by piece: the learning-rate schedule, AdamW groups, config
 # parsing (defaults < method YAML < --config YAML < flags) and its one-line errors, the global batch sampler, MFU
 # arithmetic, metrics.jsonl, and checkpoints: no-pickle resume state round trips, exact resume in-process, atomic
@@ -19,12 +19,12 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from conftest import run_script
-from model.checkpoint import load_model
-from model.config import load_model_config
-from model.transformer import CausalLM
-from trainer import runtime
-from trainer.runtime import (DistInfo, GlobalBatchSampler, TrainConfig, cosine_lr, flops_per_token, param_groups,
-                             parse_config)
+from minitrain.model.checkpoint import load_model
+from minitrain.model.config import load_model_config
+from minitrain.model.transformer import CausalLM
+from minitrain.trainer import runtime
+from minitrain.trainer.runtime import (DistInfo, GlobalBatchSampler, TrainConfig, cosine_lr, flops_per_token,
+                                       param_groups, parse_config)
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -364,9 +364,9 @@ def test_an_exception_during_a_save_leaves_the_previous_checkpoint(tmp_path, mon
 
 SAVE_FOREVER = """
 import sys, torch
-from model.config import load_model_config
-from model.transformer import CausalLM
-from trainer import runtime
+from minitrain.model.config import load_model_config
+from minitrain.model.transformer import CausalLM
+from minitrain.trainer import runtime
 cfg = runtime.TrainConfig(out_dir=sys.argv[1], report_to="none", keep_checkpoints=2, batch_size=2)
 dist = runtime.DistInfo(0, 0, 1, torch.device("cpu"))
 model = CausalLM(load_model_config("tiny"))
@@ -407,9 +407,9 @@ def test_kill_9_during_saves_leaves_latest_complete(tmp_path):
 
 TEARDOWN = """
 import os, sys, torch
-from model.config import load_model_config
-from model.transformer import CausalLM
-from trainer.runtime import cleanup_distributed, setup_distributed
+from minitrain.model.config import load_model_config
+from minitrain.model.transformer import CausalLM
+from minitrain.trainer.runtime import cleanup_distributed, setup_distributed
 
 def threads():
     return len(os.listdir("/proc/self/task"))

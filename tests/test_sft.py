@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_sft.py
+# Run: pytest tests/test_sft.py
 # Supervised fine-tuning and LoRA: the loss mask covers exactly the assistant tokens for every chat shape, truncation
 # drops rows left without an assistant token, packing gives the same loss as separate rows, and train_sft.py /
 # train_lora.py run end to end (LoRA checkpoints hold adapter tensors only; --merge equals base plus adapters;
@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dataset import formats
-from dataset.chat import IGNORE_INDEX, ChatDataset, collate_chat, pack_first_fit, tokenize_conversation
-from model.checkpoint import load_model, load_tokenizer, save_checkpoint
-from model.config import load_model_config
-from model.lora import load_adapter
-from model.transformer import CausalLM
+from minitrain.dataset import formats
+from minitrain.dataset.chat import IGNORE_INDEX, ChatDataset, collate_chat, pack_first_fit, tokenize_conversation
+from minitrain.model.checkpoint import load_model, load_tokenizer, save_checkpoint
+from minitrain.model.config import load_model_config
+from minitrain.model.lora import load_adapter
+from minitrain.model.transformer import CausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

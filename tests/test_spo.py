@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_spo.py
+# Run: pytest tests/test_spo.py
 # SPO (trainer/train_spo.py): the tracker's initialisation, forgetting factor and update equal the paper's rules,
 # advantages are r minus the estimate before the update, normalised over the batch, prioritised sampling follows
 # sqrt(p(1-p)) + eps; end to end the tracker is saved with the checkpoint and a resumed run continues exactly.
@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_script
-from dataset.embedded import ensure_embedded_data
-from trainer.train_spo import (BetaTracker, choose_prompts, forgetting_factor, normalise_advantages, policy_change,
-                               sampling_weights)
+from minitrain.dataset.embedded import ensure_embedded_data
+from minitrain.trainer.train_spo import (BetaTracker, choose_prompts, forgetting_factor, normalise_advantages,
+                                         policy_change, sampling_weights)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_tasks.py
+# Run: pytest tests/test_tasks.py
 # The verifiable tasks (eval/tasks): each checker accepts right answers and rejects near misses and malformed output;
 # the SAT checker evaluates the formula (any satisfying assignment passes); generation is deterministic; and no
 # held-out problem (EVAL_SEED) appears in the embedded training data generated at its default sizes.
@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from dataset.embedded import TASK_MIX, ensure_embedded_data
-from eval.tasks import (EVAL_SEED, TASK_NAMES, TRAIN_SEED_BASE, Problem, ProblemSpaceError, extract_answer,
-                        format_response, get_task, is_held_out, is_training_seed, score_row, training_seed)
-from eval.tasks.sat import THRESHOLDS, evaluate_formula, satisfying_set
+from minitrain.dataset.embedded import TASK_MIX, ensure_embedded_data
+from minitrain.eval.tasks import (EVAL_SEED, TASK_NAMES, TRAIN_SEED_BASE, Problem, ProblemSpaceError, extract_answer,
+                                  format_response, get_task, is_held_out, is_training_seed, score_row, training_seed)
+from minitrain.eval.tasks.sat import THRESHOLDS, evaluate_formula, satisfying_set
 
 EVAL_SPECS = sorted(set(TASK_NAMES) | {spec for spec, _ in TASK_MIX})   # every spec training data uses, + defaults
 HELD_OUT_PER_TASK = 500
@@ -284,9 +284,9 @@ def test_distinct_problems_never_repeat_and_exhaust_small_spaces_exactly():
 
 
 def test_evaluation_prompts_are_distinct():
-    from eval.task_eval import held_out_prompts
-    from model.checkpoint import load_tokenizer
-    from model.config import REPO_ROOT
+    from minitrain.eval.task_eval import held_out_prompts
+    from minitrain.model.checkpoint import load_tokenizer
+    from minitrain.model.config import REPO_ROOT
     tokenizer = load_tokenizer(f"{REPO_ROOT}/dataset/tokenizer")
     _, problems, prompts = held_out_prompts(tokenizer, "arithmetic:level=1", 50)
     assert len(problems) == len(prompts) == 12 == len({p.question for p in problems})

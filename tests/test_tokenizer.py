@@ -1,4 +1,4 @@
-# Run: python -m pytest tests/test_tokenizer.py
+# Run: pytest tests/test_tokenizer.py
 # The shipped tokenizer (dataset/tokenizer/, made by trainer/train_tokenizer.py): special ids, round trips, digits one
 # token each, the assistant mask of render_chat, the same ids from Hugging Face's apply_chat_template, and the
 # training script itself on a small corpus (including its one-line errors on bad files, bad UTF-8, an --out_dir that
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from eval.tasks import EVAL_SEED, get_task
-from model.tokenizer import IM_END, SPECIAL_TOKENS, Tokenizer, TokenizerError, render_chat_text
-from trainer import train_tokenizer as train_tokenizer_script
-from trainer.train_tokenizer import TAG_TOKENS, train_tokenizer
+from minitrain.eval.tasks import EVAL_SEED, get_task
+from minitrain.model.tokenizer import IM_END, SPECIAL_TOKENS, Tokenizer, TokenizerError, render_chat_text
+from minitrain.trainer import train_tokenizer as train_tokenizer_script
+from minitrain.trainer.train_tokenizer import TAG_TOKENS, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = str(REPO / "dataset" / "tokenizer")

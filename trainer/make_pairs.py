@@ -40,15 +40,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dataset.mixer import format_summary, write_atomic
-from dataset.prompts import PromptDataset
-from eval.rewards import RewardError, parse_reward_flags
-from model.checkpoint import check_model_dir, load_tokenizer, load_weights
-from model.config import ConfigError, load_model_config
-from model.transformer import CausalLM
-from trainer.runtime import (USER_ERRORS, FlagError, all_gather_bytes, autocast_context, cleanup_distributed, fail,
-                             parse_config, prepare_phase_data, print0, resolve_dtype, rollout, seed_everything,
-                             setup_distributed)
+from minitrain.dataset.mixer import format_summary, write_atomic
+from minitrain.dataset.prompts import PromptDataset
+from minitrain.eval.rewards import RewardError, parse_reward_flags
+from minitrain.model.checkpoint import check_model_dir, load_tokenizer, load_weights
+from minitrain.model.config import ConfigError, load_model_config
+from minitrain.model.transformer import CausalLM
+from minitrain.trainer.runtime import (USER_ERRORS, FlagError, all_gather_bytes, autocast_context, cleanup_distributed,
+                                       fail, parse_config, prepare_phase_data, print0, resolve_dtype, rollout,
+                                       seed_everything, setup_distributed)
 
 
 @dataclass

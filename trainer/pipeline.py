@@ -36,8 +36,8 @@ import time
 
 import yaml
 
-from eval.cli import OneLineParser, UsageError
-from model.config import REPO_ROOT
+from minitrain.eval.cli import OneLineParser, UsageError
+from minitrain.model.config import REPO_ROOT
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "config", "pipeline", "default.yaml")
 
@@ -149,7 +149,7 @@ def tail(path: str, lines: int = 5) -> str:
 
 def results_table(out_dir: str, stages: list[str]) -> str:
     """Markdown table: accuracy [80% interval] of every task per stage, and of all their problems pooled."""
-    from eval.stats import jeffreys_interval
+    from minitrain.eval.stats import jeffreys_interval
     rows, tasks = [], []
     for stage in stages:
         path = os.path.join(out_dir, "eval", f"{stage}.json")

@@ -70,11 +70,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dataset.jsonl import DataError
-from model.checkpoint import check_model_dir, load_tokenizer, load_weights, save_checkpoint
-from model.config import REPO_ROOT, ConfigError, ModelConfig, load_model_config
-from model.tokenizer import Tokenizer, TokenizerError
-from model.transformer import CausalLM
+from minitrain.dataset.jsonl import DataError
+from minitrain.model.checkpoint import check_model_dir, load_tokenizer, load_weights, save_checkpoint
+from minitrain.model.config import REPO_ROOT, ConfigError, ModelConfig, load_model_config
+from minitrain.model.tokenizer import Tokenizer, TokenizerError
+from minitrain.model.transformer import CausalLM
 
 DEFAULT_TOKENIZER_DIR = os.path.join(REPO_ROOT, "dataset", "tokenizer")
 CONFIG_DIR = os.path.join(REPO_ROOT, "config", "train")
@@ -215,13 +215,13 @@ class TrainConfig:
         if not 0 <= self.lora_dropout < 1:
             raise FlagError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.lora_rank:
-            from model.lora import parse_targets
+            from minitrain.model.lora import parse_targets
             try:
                 parse_targets(self.lora_targets)
             except ConfigError as e:
                 raise FlagError("lora_targets", str(e).split(": ", 2)[-1]) from None
         if self.eval_tasks:
-            from eval.task_eval import parse_task_names
+            from minitrain.eval.task_eval import parse_task_names
             try:
                 parse_task_names(self.eval_tasks)
             except ValueError as e:
@@ -667,7 +667,7 @@ def on_main_rank(work, dist: DistInfo):
 def prepare_phase_data(phase: str, cfg: TrainConfig, tokenizer, dist: DistInfo):
     """The PreparedData (train/validation JSONL files) of a run: --data_path, --data_config or the phase's default
     mixture, prepared by rank 0 (or read back with --use_prepared) and then opened by every rank."""
-    from dataset.mixer import load_prepared, prepare_mixture, resolve_mixture
+    from minitrain.dataset.mixer import load_prepared, prepare_mixture, resolve_mixture
     mixture = resolve_mixture(phase, cfg.data_config or None, cfg.data_path or None, cfg.seed)
     if not cfg.use_prepared:
         on_main_rank(lambda: prepare_mixture(mixture, cfg.prepared_dir, tokenizer), dist)
@@ -679,7 +679,7 @@ def load_packed_data(prepared, tokenizer, seq_len: int, dist: DistInfo):
 
     Rank 0 tokenizes each file into its memory-mapped token cache first; the other ranks then open the same cache.
     """
-    from dataset.pretokenize import PackedTokenDataset, build_token_cache
+    from minitrain.dataset.pretokenize import PackedTokenDataset, build_token_cache
     datasets = []
     for path in (prepared.train_file, prepared.val_file):
         if not path:
@@ -721,7 +721,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[CausalLM, Token
         load_weights(model, cfg.init_from)
     check_eval_tasks(cfg, model, tokenizer)
     if cfg.lora_rank:
-        from model.lora import LoRAConfig, apply_lora, count_trainable
+        from minitrain.model.lora import LoRAConfig, apply_lora, count_trainable
         apply_lora(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                      targets=cfg.lora_targets, use_rslora=cfg.use_rslora))
         trainable, total = count_trainable(model)
@@ -1054,7 +1054,7 @@ def check_eval_tasks(cfg: TrainConfig, model: nn.Module, tokenizer) -> None:
     """Before training: --eval_tasks can draw its problems and their prompts fit the model (else a ConfigError)."""
     if not cfg.eval_tasks:
         return
-    from eval.task_eval import parse_task_names, prepare_task_prompts
+    from minitrain.eval.task_eval import parse_task_names, prepare_task_prompts
     try:
         prepare_task_prompts(tokenizer, parse_task_names(cfg.eval_tasks), cfg.eval_task_samples,
                              cfg.eval_max_new_tokens, unwrap(model).config.max_position_embeddings)
@@ -1069,7 +1069,7 @@ def evaluate_tasks_hook(model: nn.Module, tokenizer, cfg: TrainConfig, dist: Dis
     """
     if not cfg.eval_tasks:
         return {}
-    from eval.task_eval import evaluate_tasks, parse_task_names   # imported only by runs that ask for it
+    from minitrain.eval.task_eval import evaluate_tasks, parse_task_names   # imported only by runs that ask for it
     names = parse_task_names(cfg.eval_tasks)
     metrics = {}
     if dist.is_main:
@@ -1090,7 +1090,7 @@ def print_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_token
                   chat: bool) -> None:
     """Complete each prompt (rank 0 only; temperature 0.7, top-k 40) and print it. With chat, each prompt is a user
     turn in the chat template and the answer stops at <|im_end|>. A generator of its own leaves training's RNG be."""
-    from model.generate import generate
+    from minitrain.model.generate import generate
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
@@ -1120,7 +1120,7 @@ def gather_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     divides the logits), so no [B, T, V] tensor is held. Call it on the wrapped model (DDP, compile): the forward
     pass goes through the wrapper, so gradients are all-reduced.
     """
-    from kernels import fused_linear_logprobs
+    from minitrain.kernels import fused_linear_logprobs
     out = model(input_ids, attention_mask=attention_mask, compute_logits=False)
     hidden = out.hidden_states[:, :-1]                                          # [B, T-1, H]
     B, T1, H = hidden.shape
@@ -1178,7 +1178,7 @@ def rollout(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, tem
             pad_token_id: int, generator: torch.Generator | None = None, top_k: int = 0, top_p: float = 1.0,
             min_p: float = 0.0) -> Rollout:
     """Sample one completion per prompt (batched, KV cache, the fused sampler; rows stop at EOS on their own)."""
-    from model.generate import generate
+    from minitrain.model.generate import generate
     raw = unwrap(model)
     was_training = raw.training
     out = generate(raw, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -1244,7 +1244,7 @@ def check_same_tokenizer(path: str, tokenizer, flag: str) -> None:
 def load_frozen_reward_model(path: str, tokenizer, device: torch.device, flag: str = "reward_model") -> nn.Module:
     """A reward model (trainer/train_reward.py, or a Hugging Face *ForSequenceClassification directory) that scores
     the policy's token ids, frozen and in eval mode; ConfigError naming the flag when it cannot read them."""
-    from model.heads import load_reward_model
+    from minitrain.model.heads import load_reward_model
     check_same_tokenizer(path, tokenizer, flag)
     reward_model, _ = load_reward_model(path, device, with_tokenizer=False)
     if reward_model.config.vocab_size < tokenizer.vocab_size:
@@ -1302,7 +1302,7 @@ def reference_logprobs(reference: nn.Module | None, model: nn.Module, input_ids:
     """gather_logprobs of the reference policy: the frozen copy, or the policy with its LoRA adapters off."""
     if reference is not None:
         return gather_logprobs(reference, input_ids, attention_mask, temperature)
-    from model.lora import adapters_disabled
+    from minitrain.model.lora import adapters_disabled
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
@@ -1469,7 +1469,7 @@ def save_training_checkpoint(cfg: TrainConfig, dist: DistInfo, step: int, model:
                  **(metadata or {})}
         write_extra = lambda tmp: write_resume_state(tmp, {**opt_tensors, **rng_tensors, **method_part}, state)
         if has_lora(model):      # the adapters alone, in PEFT's layout; the base stays where --init_from points
-            from model.lora import save_adapter
+            from minitrain.model.lora import save_adapter
             base = os.path.abspath(cfg.init_from) if cfg.init_from else None
             save_adapter(unwrap(model), tokenizer, path, base_model_path=base, extra_json=extra,
                          write_extra=write_extra)
@@ -1494,7 +1494,7 @@ def save_training_checkpoint(cfg: TrainConfig, dist: DistInfo, step: int, model:
 def save_merged(model: nn.Module, tokenizer, path: str, extra: dict) -> None:
     """A full checkpoint of a LoRA model with its adapters merged (W + scale * B @ A), from a copy of the model."""
     import copy
-    from model.lora import merge_lora
+    from minitrain.model.lora import merge_lora
     merged = merge_lora(copy.deepcopy(model))
     save_checkpoint(merged, tokenizer, path, extra_json={**extra, "merged_lora": True})
     print0(f"saved {path} (adapters merged)")
@@ -1535,7 +1535,7 @@ def restore_training_state(resume: ResumeState, cfg: TrainConfig, model: nn.Modu
     """
     state = resume.state
     if has_lora(model):
-        from model.lora import load_adapter_weights
+        from minitrain.model.lora import load_adapter_weights
         load_adapter_weights(model, resume.path)
     else:
         load_weights(unwrap(model), resume.path)

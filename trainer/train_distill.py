@@ -96,22 +96,24 @@ from functools import partial
 
 import torch
 
-from dataset.chat import IGNORE_INDEX, ChatDataset, collate_chat
-from dataset.jsonl import DataError
-from dataset.mixer import format_summary, load_prepared, prepare_mixture, resolve_mixture, write_atomic
-from dataset.prompts import PromptDataset
-from kernels import fused_linear_kl
-from kernels.backend import chunk_rows
-from model.checkpoint import check_model_dir, load_model
-from model.config import ConfigError, load_model_config
-from trainer.runtime import (CONFIG_DIR, DEFAULT_TOKENIZER_DIR, USER_ERRORS, FlagError, GlobalBatchSampler,
-                             RunLogger, TrainConfig, all_gather_bytes, autocast_context, barrier, build_model,
-                             build_optimizer, check_out_dir, check_replicas, check_same_tokenizer, cleanup_distributed,
-                             collate_samples, cosine_lr, evaluate_loss, evaluate_tasks_hook, fail, flops_per_token,
-                             is_distributed, load_batch, load_packed_data, load_resume_state, make_grad_scaler,
-                             mean_over_ranks, on_main_rank, optimizer_step, parse_config, prepare_phase_data, print0,
-                             print_samples, resolve_dtype, restore_training_state, rollout, save_training_checkpoint,
-                             seed_everything, setup_distributed, sync_gradients, unwrap, wrap_model)
+from minitrain.dataset.chat import IGNORE_INDEX, ChatDataset, collate_chat
+from minitrain.dataset.jsonl import DataError
+from minitrain.dataset.mixer import format_summary, load_prepared, prepare_mixture, resolve_mixture, write_atomic
+from minitrain.dataset.prompts import PromptDataset
+from minitrain.kernels import fused_linear_kl
+from minitrain.kernels.backend import chunk_rows
+from minitrain.model.checkpoint import check_model_dir, load_model
+from minitrain.model.config import ConfigError, load_model_config
+from minitrain.trainer.runtime import (CONFIG_DIR, DEFAULT_TOKENIZER_DIR, USER_ERRORS, FlagError, GlobalBatchSampler,
+                                       RunLogger, TrainConfig, all_gather_bytes, autocast_context, barrier, build_model,
+                                       build_optimizer, check_out_dir, check_replicas, check_same_tokenizer,
+                                       cleanup_distributed, collate_samples, cosine_lr, evaluate_loss,
+                                       evaluate_tasks_hook, fail, flops_per_token, is_distributed, load_batch,
+                                       load_packed_data, load_resume_state, make_grad_scaler, mean_over_ranks,
+                                       on_main_rank, optimizer_step, parse_config, prepare_phase_data, print0,
+                                       print_samples, resolve_dtype, restore_training_state, rollout,
+                                       save_training_checkpoint, seed_everything, setup_distributed, sync_gradients,
+                                       unwrap, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/distill.yaml"
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
@@ -298,7 +300,7 @@ def teacher_answers(teacher, prompts: PromptDataset, indices: list[int], tokeniz
                     generator: torch.Generator) -> list[dict]:
     """One record per prompt of `indices`: its k sampled answers, whether each stopped at EOS, and each one's score
     under the task checker (eval.rewards.exact_answer: eval.tasks.score_row of the prompt row)."""
-    from eval.rewards import RewardError, exact_answer
+    from minitrain.eval.rewards import RewardError, exact_answer
     k = cfg.num_teacher_samples
     jobs = [i for i in indices for _ in range(k)]                       # each prompt k times, side by side
     answers, finished = [], []

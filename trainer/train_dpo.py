@@ -69,17 +69,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dataset.mixer import format_summary
-from dataset.preference import PreferenceDataset, collate_pairs
-from model.checkpoint import weight_files
-from trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                             all_gather_rows, autocast_context, broadcast_text, build_model, build_optimizer,
-                             check_out_dir, cleanup_distributed, cosine_lr, evaluate_tasks_hook, fail,
-                             flops_per_token, frozen_reference, gather_logprobs, has_lora, is_distributed, load_batch,
-                             load_resume_state, make_grad_scaler, mean_over_ranks, optimizer_step, parse_config,
-                             prepare_phase_data, print0, reference_logprobs, resolve_dtype, restore_training_state,
-                             save_training_checkpoint, seed_everything, setup_distributed, sync_gradients,
-                             truncate_metrics, unwrap, wrap_model)
+from minitrain.dataset.mixer import format_summary
+from minitrain.dataset.preference import PreferenceDataset, collate_pairs
+from minitrain.model.checkpoint import weight_files
+from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
+                                       all_gather_rows, autocast_context, broadcast_text, build_model, build_optimizer,
+                                       check_out_dir, cleanup_distributed, cosine_lr, evaluate_tasks_hook, fail,
+                                       flops_per_token, frozen_reference, gather_logprobs, has_lora, is_distributed,
+                                       load_batch, load_resume_state, make_grad_scaler, mean_over_ranks, optimizer_step,
+                                       parse_config, prepare_phase_data, print0, reference_logprobs, resolve_dtype,
+                                       restore_training_state, save_training_checkpoint, seed_everything,
+                                       setup_distributed, sync_gradients, truncate_metrics, unwrap, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/dpo.yaml"
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft")

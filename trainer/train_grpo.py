@@ -44,18 +44,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dataset.mixer import format_summary
-from dataset.prompts import PromptDataset
-from eval.rewards import RewardError, parse_reward_flags
-from trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                             autocast_context, build_model, build_optimizer, check_out_dir, check_replicas,
-                             cleanup_distributed, clipped_surrogate, cosine_lr, evaluate_tasks_hook, fail,
-                             flops_per_token, frozen_reference, gather_logprobs, is_distributed, k3_kl,
-                             linear_schedule, load_frozen_reward_model, load_resume_state, make_grad_scaler,
-                             mean_over_ranks, optimizer_step, pack_sequences, parse_config, prepare_phase_data,
-                             print0, reference_logprobs, resolve_dtype, restore_training_state, reward_model_scores,
-                             rollout, save_training_checkpoint, seed_everything, setup_distributed, sync_gradients,
-                             wrap_model)
+from minitrain.dataset.mixer import format_summary
+from minitrain.dataset.prompts import PromptDataset
+from minitrain.eval.rewards import RewardError, parse_reward_flags
+from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
+                                       autocast_context, build_model, build_optimizer, check_out_dir, check_replicas,
+                                       cleanup_distributed, clipped_surrogate, cosine_lr, evaluate_tasks_hook, fail,
+                                       flops_per_token, frozen_reference, gather_logprobs, is_distributed, k3_kl,
+                                       linear_schedule, load_frozen_reward_model, load_resume_state, make_grad_scaler,
+                                       mean_over_ranks, optimizer_step, pack_sequences, parse_config,
+                                       prepare_phase_data, print0, reference_logprobs, resolve_dtype,
+                                       restore_training_state, reward_model_scores, rollout, save_training_checkpoint,
+                                       seed_everything, setup_distributed, sync_gradients, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/grpo.yaml"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

@@ -40,15 +40,15 @@ from functools import partial
 
 import torch
 
-from dataset.chat import ChatDataset, collate_chat
-from dataset.mixer import format_summary
-from trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                             all_reduce_mean, autocast_context, build_model, build_optimizer, check_out_dir,
-                             cleanup_distributed, cosine_lr, evaluate_loss, evaluate_tasks_hook, fail,
-                             flops_per_token, load_batch, load_resume_state, make_grad_scaler, optimizer_step,
-                             parse_config, prepare_phase_data, print0, print_samples, resolve_dtype,
-                             restore_training_state, save_training_checkpoint, seed_everything, setup_distributed,
-                             sync_gradients, wrap_model)
+from minitrain.dataset.chat import ChatDataset, collate_chat
+from minitrain.dataset.mixer import format_summary
+from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
+                                       all_reduce_mean, autocast_context, build_model, build_optimizer, check_out_dir,
+                                       cleanup_distributed, cosine_lr, evaluate_loss, evaluate_tasks_hook, fail,
+                                       flops_per_token, load_batch, load_resume_state, make_grad_scaler, optimizer_step,
+                                       parse_config, prepare_phase_data, print0, print_samples, resolve_dtype,
+                                       restore_training_state, save_training_checkpoint, seed_everything,
+                                       setup_distributed, sync_gradients, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/lora.yaml"
 

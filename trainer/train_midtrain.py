@@ -36,16 +36,16 @@ from dataclasses import dataclass
 
 import torch
 
-from dataset.mixer import format_summary
-from model.checkpoint import check_model_dir
-from model.config import load_model_config
-from trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                             all_reduce_mean, autocast_context, build_model, build_optimizer, check_out_dir,
-                             cleanup_distributed, cosine_lr, evaluate_loss, evaluate_tasks_hook, fail,
-                             flops_per_token, load_batch, load_packed_data, load_resume_state, make_grad_scaler,
-                             optimizer_step, parse_config, prepare_phase_data, print0, resolve_dtype,
-                             restore_training_state, save_training_checkpoint, seed_everything, setup_distributed,
-                             sync_gradients, wrap_model)
+from minitrain.dataset.mixer import format_summary
+from minitrain.model.checkpoint import check_model_dir
+from minitrain.model.config import load_model_config
+from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
+                                       all_reduce_mean, autocast_context, build_model, build_optimizer, check_out_dir,
+                                       cleanup_distributed, cosine_lr, evaluate_loss, evaluate_tasks_hook, fail,
+                                       flops_per_token, load_batch, load_packed_data, load_resume_state,
+                                       make_grad_scaler, optimizer_step, parse_config, prepare_phase_data, print0,
+                                       resolve_dtype, restore_training_state, save_training_checkpoint, seed_everything,
+                                       setup_distributed, sync_gradients, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/midtrain.yaml"
 

@@ -63,22 +63,22 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from dataset.mixer import format_summary
-from dataset.prompts import PromptDataset
-from eval.rewards import RewardError, parse_reward_flags
-from kernels import fused_linear_logprobs
-from model.config import ConfigError
-from model.heads import ValueHead, ValueModel, last_token_index, load_reward_model
-from trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                             autocast_context, build_model, build_optimizer, check_out_dir, check_replicas,
-                             check_same_tokenizer, cleanup_distributed, clipped_surrogate, cosine_lr,
-                             evaluate_tasks_hook, fail, flops_per_token, frozen_reference, gather_logprobs,
-                             is_distributed, load_frozen_reward_model, load_resume_state, make_grad_scaler,
-                             masked_mean, mean_over_ranks, optimizer_state_dict, optimizer_state_tensors,
-                             optimizer_step, pack_sequences, param_groups, parse_config, prepare_phase_data, print0,
-                             reference_logprobs, resolve_dtype, restore_training_state, rollout,
-                             save_training_checkpoint, seed_everything, setup_distributed, sync_gradients, unwrap,
-                             wrap_model)
+from minitrain.dataset.mixer import format_summary
+from minitrain.dataset.prompts import PromptDataset
+from minitrain.eval.rewards import RewardError, parse_reward_flags
+from minitrain.kernels import fused_linear_logprobs
+from minitrain.model.config import ConfigError
+from minitrain.model.heads import ValueHead, ValueModel, last_token_index, load_reward_model
+from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
+                                       autocast_context, build_model, build_optimizer, check_out_dir, check_replicas,
+                                       check_same_tokenizer, cleanup_distributed, clipped_surrogate, cosine_lr,
+                                       evaluate_tasks_hook, fail, flops_per_token, frozen_reference, gather_logprobs,
+                                       is_distributed, load_frozen_reward_model, load_resume_state, make_grad_scaler,
+                                       masked_mean, mean_over_ranks, optimizer_state_dict, optimizer_state_tensors,
+                                       optimizer_step, pack_sequences, param_groups, parse_config, prepare_phase_data,
+                                       print0, reference_logprobs, resolve_dtype, restore_training_state, rollout,
+                                       save_training_checkpoint, seed_everything, setup_distributed, sync_gradients,
+                                       unwrap, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/ppo.yaml"
 
@@ -342,7 +342,7 @@ def build_critic(cfg: PPOConfig, model: nn.Module, tokenizer, device) -> nn.Modu
             raise ConfigError(f"--critic_from {cfg.critic_from}: vocab_size {source.config.vocab_size} is smaller "
                               f"than the policy's tokenizer ({tokenizer.vocab_size} tokens)")
         if cfg.lora_rank:
-            from model.lora import LoRAConfig, apply_lora
+            from minitrain.model.lora import LoRAConfig, apply_lora
             apply_lora(source, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                           targets=cfg.lora_targets, use_rslora=cfg.use_rslora))
     else:

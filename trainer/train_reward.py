@@ -50,16 +50,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dataset.jsonl import DataError, read_jsonl
-from dataset.mixer import format_summary
-from dataset.preference import tokenize_pair
-from model.heads import RewardModel
-from trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                             autocast_context, build_model, build_optimizer, check_out_dir, cleanup_distributed,
-                             cosine_lr, fail, flops_per_token, has_lora, is_distributed, load_resume_state,
-                             make_grad_scaler, mean_over_ranks, optimizer_step, parse_config, prepare_phase_data,
-                             print0, resolve_dtype, restore_training_state, save_training_checkpoint, seed_everything,
-                             setup_distributed, sync_gradients, unwrap, wrap_model)
+from minitrain.dataset.jsonl import DataError, read_jsonl
+from minitrain.dataset.mixer import format_summary
+from minitrain.dataset.preference import tokenize_pair
+from minitrain.model.heads import RewardModel
+from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
+                                       autocast_context, build_model, build_optimizer, check_out_dir,
+                                       cleanup_distributed, cosine_lr, fail, flops_per_token, has_lora, is_distributed,
+                                       load_resume_state, make_grad_scaler, mean_over_ranks, optimizer_step,
+                                       parse_config, prepare_phase_data, print0, resolve_dtype, restore_training_state,
+                                       save_training_checkpoint, seed_everything, setup_distributed, sync_gradients,
+                                       unwrap, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/reward.yaml"
 

@@ -30,8 +30,8 @@ import tempfile
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from dataset.embedded import ensure_embedded_data
-from model.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, render_chat_text
+from minitrain.dataset.embedded import ensure_embedded_data
+from minitrain.model.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, render_chat_text
 
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 

@@ -1,6 +1,6 @@
 """Verifiable tasks: generated problems with exact checkers, shared by evaluation and the embedded training data.
 
-    from eval.tasks import EVAL_SEED, get_task
+    from minitrain.eval.tasks import EVAL_SEED, get_task
     task = get_task("arithmetic")                      # or "arithmetic:level=2", "sat:n_vars=6:k=3", ...
     for problem in task.make_problems(500, EVAL_SEED):
         completion = ...                               # the model's reply to problem.messages()
@@ -19,13 +19,13 @@ Evaluation uses EVAL_SEED (or any seed below TRAIN_SEED_BASE); training data use
 from disjoint partitions of the problems (eval/tasks/base.py), so no held-out problem is ever trained on.
 """
 
-from eval.tasks.arithmetic import ArithmeticTask
-from eval.tasks.base import (EVAL_SEED, HELD_OUT_BUCKETS, TRAIN_SEED_BASE, Problem, ProblemSpaceError, Task,
-                             extract_answer, format_response, is_held_out, is_training_seed, normalize_whitespace,
-                             training_seed)
-from eval.tasks.countdown import CountdownTask
-from eval.tasks.sat import SatTask
-from eval.tasks.sort import SortTask
+from minitrain.eval.tasks.arithmetic import ArithmeticTask
+from minitrain.eval.tasks.base import (EVAL_SEED, HELD_OUT_BUCKETS, TRAIN_SEED_BASE, Problem, ProblemSpaceError, Task,
+                                       extract_answer, format_response, is_held_out, is_training_seed,
+                                       normalize_whitespace, training_seed)
+from minitrain.eval.tasks.countdown import CountdownTask
+from minitrain.eval.tasks.sat import SatTask
+from minitrain.eval.tasks.sort import SortTask
 
 TASKS = {task.family: task for task in (ArithmeticTask, SatTask, SortTask, CountdownTask)}
 TASK_NAMES = tuple(TASKS)

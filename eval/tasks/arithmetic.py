@@ -18,7 +18,7 @@ The answer is an integer, compared as an integer ("042" and "+42" equal 42; "42.
 
 import random
 
-from eval.tasks.base import Problem, Task, format_response, parse_integer
+from minitrain.eval.tasks.base import Problem, Task, format_response, parse_integer
 
 PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 

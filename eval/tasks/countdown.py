@@ -15,8 +15,8 @@ import random
 import re
 from fractions import Fraction
 
-from eval.tasks.arithmetic import evaluate, reduction_steps, render
-from eval.tasks.base import Problem, Task, format_response
+from minitrain.eval.tasks.arithmetic import evaluate, reduction_steps, render
+from minitrain.eval.tasks.base import Problem, Task, format_response
 
 MAX_ANSWER_CHARS = 200
 ANSWER_CHARS = re.compile(r"[0-9+\-*/() ]+")   # before parsing: no 0x1f, 1_0, 1e1, comments or other Python syntax

@@ -23,7 +23,7 @@ import random
 import re
 from functools import lru_cache
 
-from eval.tasks.base import Problem, Task, format_response
+from minitrain.eval.tasks.base import Problem, Task, format_response
 
 # Satisfiability thresholds of random k-SAT (clauses per variable): k=2 exact; k=3..7 from the survey-propagation
 # predictions (Mertens, Mezard, Zecchina 2006, "Threshold values of random K-SAT from the cavity method").

@@ -10,7 +10,7 @@ Options: length (how many numbers, default 5) and max_value (numbers are drawn f
 import random
 import re
 
-from eval.tasks.base import Problem, Task, format_response, parse_integer
+from minitrain.eval.tasks.base import Problem, Task, format_response, parse_integer
 
 
 def parse_numbers(answer: str) -> list[int] | None:

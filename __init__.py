@@ -1,0 +1,7 @@
+"""minitrain: LLM training from scratch in plain PyTorch.
+
+`pip install -e .` maps this folder (the repository root) to the import name `minitrain`, so its folders import as
+`minitrain.model`, `minitrain.kernels`, `minitrain.dataset`, `minitrain.trainer` and `minitrain.eval`, and nothing
+with a generic name lands on the path beside transformers, peft and Hugging Face's `kernels`. Scripts still run by
+path: `python trainer/train_sft.py`.
+"""
