@@ -237,3 +237,21 @@ def test_presets_match_their_family():
     assert load_model_config("tiny").model_type == "llama"
     assert load_model_config("moe").model_type == "qwen3_moe"
     assert load_model_config("0.5b").model_type == "qwen3"
+
+
+def test_model_bench_compares_llama_of_the_same_weights(capsys):
+    # model/bench.py: the peer is built from our weights (same logits), and every workload prints one row per model
+    from minitrain.model import bench
+    args = ["--hidden_size", "32", "--num_hidden_layers", "2", "--intermediate_size", "48", "--vocab_size", "101",
+            "--num_attention_heads", "4", "--num_key_value_heads", "2", "--seq_len", "16", "--batch_size", "2",
+            "--prompt_len", "4", "--new_tokens", "3", "--repeat", "1", "--warmup", "0", "--device", "cpu"]
+    ours, theirs = bench.build_models(bench.parse_args(args), torch.device("cpu"))
+    ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+    bench.main(args)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0:2] for r in rows[1:]] == [
+        [f"| {w}", m] for w in ("train fp32", "decode fp32 B=1", "decode fp32 B=8", "train bf16", "decode bf16 B=1",
+                                "decode bf16 B=8") for m in ("ours", "llama")]
+    assert all(r.split(" | ")[3] == "1.00x" for r in rows[1:] if r.split(" | ")[1] == "llama")
