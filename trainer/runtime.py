@@ -44,6 +44,7 @@ are dropped, which only matters for dropout.
 
 import argparse
 import dataclasses
+import fcntl
 import gc
 import importlib
 import json
@@ -53,6 +54,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import time
 import types
@@ -67,6 +69,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -83,9 +86,21 @@ CONFIG_DIR = os.path.join(REPO_ROOT, "config", "train")
 # Errors
 # =============================================================================================================
 
-# Bad input the user can fix. Each script's main catches these and calls fail(); anything else is a bug and keeps
-# its traceback.
-USER_ERRORS = (ConfigError, DataError, TokenizerError)
+
+class TrainingDiverged(Exception):
+    """The loss or the weights stopped being finite numbers: the run stops before it saves or uses them. The
+    message names what went wrong and the last good checkpoint of the run directory."""
+
+    def __init__(self, problem: str):
+        good = read_latest_quietly(RUN_DIR_LOCK.out_dir) if RUN_DIR_LOCK.out_dir else None
+        super().__init__(f"{problem}; stopped without saving it. The last good checkpoint is "
+                         f"{good or 'none (nothing was saved yet)'}: lower --learning_rate (or raise --warmup_steps) "
+                         f"and {'--resume from it' if good else 'start again'}")
+
+
+# Bad input the user can fix (and a run that diverged). Each script's main catches these and calls fail(); anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, TokenizerError, TrainingDiverged)
 
 
 def fail(message: str) -> NoReturn:
@@ -197,11 +212,11 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise FlagError(name, f"must be at least {low}, got {getattr(self, name)}")
         for name in ("learning_rate",):
-            if not getattr(self, name) > 0:
-                raise FlagError(name, f"must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise FlagError(name, f"must be a positive finite number, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise FlagError(name, f"must not be negative, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise FlagError(name, f"must be a finite number at least 0, got {getattr(self, name)}")
         for name in ("min_lr_ratio",):
             if not 0 <= getattr(self, name) <= 1:
                 raise FlagError(name, f"must be in [0, 1], got {getattr(self, name)}")
@@ -959,7 +974,10 @@ class RunLogger:
     def log_train(self, step: int, loss: float, lr: float, grad_norm: float, epoch: float,
                   show: tuple[str, ...] | None = None, **extra: float) -> None:
         """One console line and one record; `show` names the extra metrics the console line prints (all when None),
-        the record and wandb get all of them."""
+        the record and wandb get all of them. A loss that is not finite stops the run (TrainingDiverged, on every
+        rank: the loss is the mean over ranks)."""
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"step {step}: the loss is {loss} (grad norm {grad_norm})")
         if not self.enabled:
             return
         now = time.time()
@@ -1092,6 +1110,7 @@ def print_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_token
     turn in the chat template and the answer stops at <|im_end|>. A generator of its own leaves training's RNG be."""
     from minitrain.model.generate import generate
     raw = unwrap(model)
+    check_finite_weights(raw, "before printing samples")
     was_training = raw.training
     raw.eval()
     device = next(raw.parameters()).device
@@ -1345,14 +1364,86 @@ def read_latest(out_dir: str) -> str | None:
     return path
 
 
+class RunDirLock:
+    """OUT_DIR/run.lock, held (fcntl.flock, exclusive) by rank 0 for the life of the run, so that a second run on
+    the same --out_dir stops at once instead of mixing its checkpoints into this one's. The file names the holder
+    (pid and host). The kernel drops the lock when the process ends in any way, kill -9 included, so a lock left by
+    a killed run never blocks --resume.
+    """
+
+    def __init__(self):
+        self.out_dir, self.file = "", None
+
+    def acquire(self, out_dir: str) -> None:
+        if self.file is not None:     # a second run in this process (tests): the first one has ended
+            self.file.close()
+            self.out_dir, self.file = "", None
+        path = os.path.join(out_dir, "run.lock")
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise ConfigError(f"--out_dir {out_dir}: cannot write in it ({e.strerror})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"--out_dir {out_dir} is in use by another run ({holder}, {path}): wait for it to end "
+                              f"or choose another --out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.out_dir, self.file = out_dir, f      # held until the process ends
+
+
+RUN_DIR_LOCK = RunDirLock()
+
+
 def check_out_dir(cfg: TrainConfig) -> None:
-    """--resume needs a checkpoint in --out_dir; a fresh run must not mix its files into an earlier run's."""
+    """Before anything else: --out_dir can be created and written, rank 0 holds its lock (RunDirLock), --resume
+    finds a checkpoint there and a fresh run does not mix its files into an earlier run's."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ConfigError(f"--out_dir {cfg.out_dir}: exists and is not a directory")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out_dir {cfg.out_dir}: cannot create it ({e.strerror}: {e.filename})") from None
+    if not os.access(cfg.out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out_dir {cfg.out_dir}: not writable")
+    if int(os.environ.get("RANK", 0)) == 0:
+        RUN_DIR_LOCK.acquire(cfg.out_dir)
     latest = os.path.join(cfg.out_dir, "latest")
     if cfg.resume and not os.path.isfile(latest):
         raise ConfigError(f"--resume: {latest} not found (no checkpoint to continue from in --out_dir {cfg.out_dir})")
     if not cfg.resume and os.path.isfile(latest):
         raise ConfigError(f"--out_dir {cfg.out_dir} already holds a run ({latest}): pass --resume to continue it, "
                           f"or choose another --out_dir")
+
+
+def read_latest_quietly(out_dir: str) -> str | None:
+    """read_latest, or None where there is no readable pointer (for messages)."""
+    try:
+        return read_latest(out_dir)
+    except (ConfigError, OSError):
+        return None
+
+
+def nonfinite_tensors(tensors) -> list[str]:
+    """Names of the (name, tensor) pairs holding a NaN or an infinity (one device sync for all of them)."""
+    pairs = [(name, t) for name, t in tensors if t.is_floating_point() and t.numel()]
+    if not pairs:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in pairs]).cpu().tolist()
+    return [name for (name, _), ok in zip(pairs, finite) if not ok]
+
+
+def check_finite_weights(model: nn.Module, when: str, method_tensors: dict | None = None) -> None:
+    """TrainingDiverged when a parameter of the model (or a method tensor, e.g. PPO's critic) is not finite."""
+    bad = nonfinite_tensors(list(unwrap(model).named_parameters()) + list((method_tensors or {}).items()))
+    if bad:
+        raise TrainingDiverged(f"{when}: {len(bad)} weight tensors are not finite (NaN or inf), e.g. {bad[0]}")
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -1455,7 +1546,11 @@ def save_training_checkpoint(cfg: TrainConfig, dist: DistInfo, step: int, model:
     A method's own state (SPO's tracker, DPO's running statistics) goes into the resume state too: method_state
     (JSON-able) as resume_state.json's "method_state", method_tensors as "method.<name>" tensors; a resumed run reads
     them back from ResumeState.method_state / method_tensors.
+
+    Weights that are not finite are never written (TrainingDiverged on every rank, `latest` left on the last good
+    checkpoint), so rotation never removes the newest finite checkpoint.
     """
+    check_finite_weights(model, f"step {step}", method_tensors)
     rng_json, rng_tensors = gather_rng_states(dist)
     path = os.path.join(cfg.out_dir, step_dir_name(step))
     if dist.is_main:
@@ -1521,9 +1616,24 @@ def load_resume_state(out_dir: str) -> ResumeState:
     path = read_latest(out_dir)
     if path is None:
         raise ConfigError(f"--resume: {os.path.join(out_dir, 'latest')} not found")
-    with open(os.path.join(path, RESUME_JSON)) as f:
-        state = json.load(f)
-    return ResumeState(path, state["step"], state, load_file(os.path.join(path, RESUME_TENSORS)))
+    try:
+        with open(os.path.join(path, RESUME_JSON)) as f:
+            state = json.load(f)
+        step = state["step"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{os.path.join(path, RESUME_JSON)}: corrupt resume state ({e}); resume from an "
+                          f"earlier checkpoint (point {os.path.join(out_dir, 'latest')} at it)") from None
+    tensors_path = os.path.join(path, RESUME_TENSORS)
+    try:
+        tensors = load_file(tensors_path)
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{tensors_path}: corrupt or unreadable resume state ({e}); resume from an earlier "
+                          f"checkpoint (point {os.path.join(out_dir, 'latest')} at it)") from None
+    bad = nonfinite_tensors(tensors.items())
+    if bad:
+        raise ConfigError(f"{tensors_path}: {len(bad)} tensors are not finite (NaN or inf), e.g. {bad[0]}: the run "
+                          f"had diverged; resume from an earlier checkpoint")
+    return ResumeState(path, step, state, tensors)
 
 
 def restore_training_state(resume: ResumeState, cfg: TrainConfig, model: nn.Module, optimizer, scaler,
@@ -1539,6 +1649,10 @@ def restore_training_state(resume: ResumeState, cfg: TrainConfig, model: nn.Modu
         load_adapter_weights(model, resume.path)
     else:
         load_weights(unwrap(model), resume.path)
+    bad = nonfinite_tensors(unwrap(model).named_parameters())
+    if bad:
+        raise ConfigError(f"{resume.path}: {len(bad)} weight tensors are not finite (NaN or inf), e.g. {bad[0]}: the "
+                          f"run had diverged; resume from an earlier checkpoint")
     try:
         optimizer.load_state_dict(optimizer_state_dict(resume.tensors, state["optimizer_param_groups"],
                                                        state["optimizer_scalars"]))
