@@ -93,7 +93,7 @@ class TrainingDiverged(Exception):
 
     def __init__(self, problem: str):
         good = read_latest_quietly(RUN_DIR_LOCK.out_dir) if RUN_DIR_LOCK.out_dir else None
-        super().__init__(f"{problem}; stopped without saving it. The last good checkpoint is "
+        super().__init__(f"{problem}: the run stopped and saved none of it; the last good checkpoint is "
                          f"{good or 'none (nothing was saved yet)'}: lower --learning_rate (or raise --warmup_steps) "
                          f"and {'--resume from it' if good else 'start again'}")
 
