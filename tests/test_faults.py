@@ -57,16 +57,42 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_non_finite_loss_at_a_log_step_stops_the_run_naming_step_and_value(tmp_path):
+def test_a_non_finite_gradient_norm_at_a_log_step_stops_the_run_naming_step_and_value(tmp_path):
     out = tmp_path / "run"
     r = run_script("train_pretrain.py", *QUICK, "--learning_rate", "1e4", "--warmup_steps", "1", "--max_steps", "8",
                    "--log_interval", "1", "--eval_interval", "0", "--prepared_dir", str(tmp_path / "prepared"),
                    "--out_dir", str(out))
     line = one_error_line(r)
-    assert line == ("error: step 6: the loss is nan (grad norm nan): the run stopped and saved none of it; the last "
-                    "good checkpoint is none (nothing was saved yet): lower --learning_rate (or raise --warmup_steps) "
-                    "and start again")
+    assert line == ("error: step 5: the gradient norm is nan (loss 8.76405): the run stopped and saved none of it; the "
+                    "last good checkpoint is none (nothing was saved yet): lower --learning_rate (or raise "
+                    "--warmup_steps) and start again")
     assert not (out / "latest").exists() and step_dirs(out) == []
+    # opt-in: skip such updates, at most --skip_nonfinite_steps times
+    r = run_script("train_pretrain.py", *QUICK, "--learning_rate", "1e4", "--warmup_steps", "1", "--max_steps", "12",
+                   "--log_interval", "1", "--eval_interval", "0", "--prepared_dir", str(tmp_path / "prepared"),
+                   "--out_dir", str(tmp_path / "skipping"), "--skip_nonfinite_steps", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stdout.count("skipped an update whose gradient norm is nan") == 2
+    assert r.stderr.startswith("error: the gradient norm was not finite (nan) in 3 steps, more than "
+                               "--skip_nonfinite_steps 2: the run stopped"), r.stderr
+
+
+def test_skip_nonfinite_steps_leaves_weights_and_optimizer_untouched():
+    model = torch.nn.Linear(3, 2)
+    optimizer = runtime.build_optimizer(model, TrainConfig(skip_nonfinite_steps=1), torch.device("cpu"))
+    scaler = runtime.make_grad_scaler(torch.device("cpu"), torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.tensor([[1.0, float("nan"), 0.0]])).sum().backward()
+    assert torch.isnan(runtime.optimizer_step(optimizer, scaler, 1e-2, 1.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and optimizer.state_dict()["state"] == {}
+    assert all(p.grad is None for p in model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    assert torch.isfinite(runtime.optimizer_step(optimizer, scaler, 1e-2, 1.0))
+    assert not torch.equal(before[0], model.weight)
+    model(torch.tensor([[float("inf"), 0.0, 0.0]])).sum().backward()
+    with pytest.raises(runtime.TrainingDiverged, match=r"^the gradient norm was not finite \(inf\) in 2 steps, more "
+                                                       r"than --skip_nonfinite_steps 1: the run stopped"):
+        runtime.optimizer_step(optimizer, scaler, 1e-2, 1.0)
 
 
 def test_an_infinite_learning_rate_is_refused(capsys):

@@ -164,6 +164,9 @@ class TrainConfig:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = no clipping"})
+    skip_nonfinite_steps: int = field(default=0, metadata={
+        "help": "skip an update whose gradient norm is NaN or inf, at most this many times in a run (a device sync "
+                "per step); 0 = a non-finite loss or gradient norm stops the run"})
     # ---- LoRA (any trainer; off when lora_rank is 0) ----
     lora_rank: int = field(default=0, metadata={"help": "rank of LoRA adapters on the frozen model; 0 = train every "
                                                         "weight (no LoRA)"})
@@ -207,7 +210,7 @@ class TrainConfig:
         """Range checks of the shared flags; a method's config extends this with its own."""
         at_least = {"max_seq_len": 2, "epochs": 1, "batch_size": 1, "accumulation_steps": 1, "log_interval": 1,
                     "eval_batches": 1, "eval_task_samples": 1, "eval_max_new_tokens": 1, "max_steps": 0, "warmup_steps": 0, "eval_interval": 0,
-                    "save_interval": 0, "keep_checkpoints": 0}
+                    "save_interval": 0, "keep_checkpoints": 0, "skip_nonfinite_steps": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise FlagError(name, f"must be at least {low}, got {getattr(self, name)}")
@@ -795,8 +798,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, fused=device.type == "cuda")
+    if cfg.skip_nonfinite_steps:     # read by optimizer_step
+        optimizer.nonfinite_skips = {"limit": cfg.skip_nonfinite_steps, "taken": 0}
+    return optimizer
 
 
 def cosine_lr(step: int, max_steps: int, warmup: int, lr: float, min_lr_ratio: float) -> float:
@@ -851,12 +857,25 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     """Set the learning rate, unscale, clip the global gradient norm, step, clear gradients.
 
     Returns the gradient norm before clipping (a tensor: read it at log steps only, it syncs the device).
+    Under --skip_nonfinite_steps (build_optimizer) an update whose gradient norm is not finite is skipped instead
+    (reading the norm every step), at most that many times, then TrainingDiverged; float16's GradScaler skips
+    overflowing steps on its own.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)     # a group may run at a multiple of the schedule
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    skips = getattr(optimizer, "nonfinite_skips", None)
+    if skips is not None and not scaler.is_enabled() and not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        skips["taken"] += 1
+        if skips["taken"] > skips["limit"]:
+            raise TrainingDiverged(f"the gradient norm was not finite ({grad_norm.item()}) in {skips['taken']} "
+                                   f"steps, more than --skip_nonfinite_steps {skips['limit']}")
+        print0(f"skipped an update whose gradient norm is {grad_norm.item()} ({skips['taken']} of at most "
+               f"{skips['limit']})")
+        return grad_norm
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -932,6 +951,9 @@ class RunLogger:
                  wandb_run_id: str | None = None):
         self.enabled = dist.is_main
         self.total_steps, self.start_step = total_steps, start_step
+        # a non-finite gradient norm is normal under float16's GradScaler (it skips the step) and --skip_nonfinite_steps
+        self.stop_on_grad_norm = resolve_dtype(cfg.dtype, dist.device) != torch.float16
+        self.skips_nonfinite = cfg.skip_nonfinite_steps > 0
         self.flops_per_token = flops_per_token
         peak = peak_flops(dist.device)
         self.peak_flops = peak * dist.world_size if peak else None
@@ -974,10 +996,13 @@ class RunLogger:
     def log_train(self, step: int, loss: float, lr: float, grad_norm: float, epoch: float,
                   show: tuple[str, ...] | None = None, **extra: float) -> None:
         """One console line and one record; `show` names the extra metrics the console line prints (all when None),
-        the record and wandb get all of them. A loss that is not finite stops the run (TrainingDiverged, on every
-        rank: the loss is the mean over ranks)."""
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"step {step}: the loss is {loss} (grad norm {grad_norm})")
+        the record and wandb get all of them. A loss or gradient norm that is not finite stops the run
+        (TrainingDiverged, on every rank: both are the same on all ranks) unless --skip_nonfinite_steps skips such
+        updates."""
+        if not self.skips_nonfinite and not math.isfinite(loss):
+            raise TrainingDiverged(f"step {step}: the loss is {loss} (gradient norm {grad_norm:.6g})")
+        if not self.skips_nonfinite and self.stop_on_grad_norm and not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"step {step}: the gradient norm is {grad_norm} (loss {loss:.6g})")
         if not self.enabled:
             return
         now = time.time()
