@@ -1431,6 +1431,9 @@ def check_out_dir(cfg: TrainConfig) -> None:
     finds a checkpoint there and a fresh run does not mix its files into an earlier run's."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ConfigError(f"--out_dir {cfg.out_dir}: exists and is not a directory")
+    latest = os.path.join(cfg.out_dir, "latest")
+    if cfg.resume and not os.path.isfile(latest):
+        raise ConfigError(f"--resume: {latest} not found (no checkpoint to continue from in --out_dir {cfg.out_dir})")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
@@ -1439,9 +1442,6 @@ def check_out_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"--out_dir {cfg.out_dir}: not writable")
     if int(os.environ.get("RANK", 0)) == 0:
         RUN_DIR_LOCK.acquire(cfg.out_dir)
-    latest = os.path.join(cfg.out_dir, "latest")
-    if cfg.resume and not os.path.isfile(latest):
-        raise ConfigError(f"--resume: {latest} not found (no checkpoint to continue from in --out_dir {cfg.out_dir})")
     if not cfg.resume and os.path.isfile(latest):
         raise ConfigError(f"--out_dir {cfg.out_dir} already holds a run ({latest}): pass --resume to continue it, "
                           f"or choose another --out_dir")
