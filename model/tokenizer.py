@@ -94,7 +94,8 @@ class Tokenizer:
         any document length: tokenizing a whole 50 MB document at once holds ~170 bytes per character (offsets,
         token strings), so long texts are cut into pieces of at most PIECE_CHARS characters (before a space, where
         there is one in the piece's second half: byte-level BPE words start at a space, so the ids are those of the
-        whole text) and tokenized at most BATCH_CHARS characters at a time. Memory stays bounded whatever the row.
+        whole text, except where a cut splits a run of several spaces) and tokenized at most BATCH_CHARS characters
+        at a time. Memory stays bounded whatever the row.
         """
         pieces = [(i, piece, last) for i, text in enumerate(texts) for piece, last in split_text(text)]
         start = 0

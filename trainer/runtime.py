@@ -19,8 +19,14 @@ lives here, in this order:
     sequences      gather_logprobs (per-token log-probs through the fused kernel), reference_logprobs, rollout and
                    pack_sequences (sampled completions laid out with masks), and the pieces of the RL objectives
                    several trainers share: clipped_surrogate (PPO-clip), k3_kl, masked_mean, linear_schedule
-    checkpoints    check_out_dir, save_training_checkpoint (with a method's own state), load_resume_state,
-                   restore_training_state (full weights, or LoRA adapters)
+    checkpoints    check_out_dir (usable, locked by RunDirLock), save_training_checkpoint (with a method's own
+                   state; never non-finite weights), load_resume_state, restore_training_state (full weights, or
+                   LoRA adapters; corrupt or non-finite states refused)
+
+Non-finite numbers: RunLogger.log_train stops the run (TrainingDiverged, one line) on a loss or gradient norm that is
+not finite, values it reads at log steps anyway; save_training_checkpoint never writes non-finite weights, so
+`latest` and rotation keep the newest finite checkpoint; --skip_nonfinite_steps makes optimizer_step skip such
+updates instead, a bounded number of times.
 
 Checkpoints: OUT_DIR/step_000123/ is a Hugging Face directory (model.checkpoint.save_checkpoint) with the resume
 state beside the weights, never pickled:
