@@ -1448,6 +1448,8 @@ def check_out_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"--out_dir {cfg.out_dir}: not writable")
     if int(os.environ.get("RANK", 0)) == 0:
         RUN_DIR_LOCK.acquire(cfg.out_dir)
+    else:
+        RUN_DIR_LOCK.out_dir = cfg.out_dir      # for TrainingDiverged's message; rank 0 holds the lock
     if not cfg.resume and os.path.isfile(latest):
         raise ConfigError(f"--out_dir {cfg.out_dir} already holds a run ({latest}): pass --resume to continue it, "
                           f"or choose another --out_dir")
