@@ -71,8 +71,10 @@ class ChatDataset:
             if len(encoded[0]) == max_seq_len:
                 self.truncated += 1
             self.conversations.append(encoded)
-        if not self.conversations:
-            raise DataError(f"{path}: no conversation keeps an assistant token within --max_seq_len {max_seq_len}")
+        if not self.conversations:     # a prepared file holds one row per line
+            others = f", nor in any of the other {len(rows) - 1} (lines 2-{len(rows)})" if len(rows) > 1 else ""
+            raise DataError(f"{path}: line 1: field 'messages': no assistant token within --max_seq_len "
+                            f"{max_seq_len}{others}; raise --max_seq_len or shorten the prompts")
         lengths = [len(ids) for ids, _ in self.conversations]
         self.samples = pack_first_fit(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
         self.lengths = [sum(lengths[c] for c in sample) for sample in self.samples]   # tokens of each sample

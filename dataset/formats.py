@@ -53,6 +53,8 @@ def check_messages(messages, field: str, need_assistant: bool = True) -> str:
             return f"{where}: a system turn may only come first"
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         return f"field '{field}' has no assistant turn"
+    if need_assistant and not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+        return f"field '{field}': every assistant answer is empty (nothing to learn)"
     return ""
 
 

@@ -311,11 +311,10 @@ def count_tokens(phase: str, rows: list[dict], tokenizer) -> list[int]:
     if tokenizer is None:
         return [0] * len(rows)
     texts = [row_texts(phase, row) for row in rows]
-    flat = tokenizer.encode_batch([t for group in texts for t in group])
-    counts, i = [], 0
-    for group in texts:
-        counts.append(sum(len(ids) for ids in flat[i:i + len(group)]))
-        i += len(group)
+    owner = [r for r, group in enumerate(texts) for _ in group]       # the row of each text
+    counts = [0] * len(rows)
+    for i, ids, _ in tokenizer.encode_pieces([t for group in texts for t in group]):   # bounded memory per piece
+        counts[owner[i]] += len(ids)
     return counts
 
 

@@ -95,13 +95,15 @@ def build_token_cache(path: str, tokenizer) -> str:
 
 
 def write_documents(out, tokenizer, texts: list[str], dtype) -> int:
-    """Append each document's ids followed by the separator; return the number of tokens written."""
-    ids = []
-    for doc in tokenizer.encode_batch(texts):
-        ids += doc
-        ids.append(tokenizer.pad_id)
-    np.asarray(ids, dtype=dtype).tofile(out)
-    return len(ids)
+    """Append each document's ids followed by the separator; return the number of tokens written. Long documents
+    are tokenized and written piece by piece (Tokenizer.encode_pieces), so memory does not grow with a row's size."""
+    written = 0
+    for _, ids, last in tokenizer.encode_pieces(texts):
+        if last:
+            ids = ids + [tokenizer.pad_id]
+        np.asarray(ids, dtype=dtype).tofile(out)
+        written += len(ids)
+    return written
 
 
 class PackedTokenDataset:

@@ -21,6 +21,7 @@ A reward function takes the prompts, the completions and the other fields of the
 """
 
 import importlib
+import inspect
 import math
 import re
 
@@ -99,12 +100,37 @@ def load_reward(spec: str):
         raise RewardError(f"reward {spec!r}: not a built-in ({', '.join(BUILT_INS)}) nor module:function")
     try:
         module = importlib.import_module(module_name)
+    except SyntaxError as e:
+        raise RewardError(f"reward {spec!r}: {e.filename}: line {e.lineno}: syntax error ({e.msg})") from None
     except ImportError as e:
         raise RewardError(f"reward {spec!r}: cannot import {module_name} ({e})") from None
+    except Exception as e:     # the module's own code failed while it was imported
+        raise RewardError(f"reward {spec!r}: importing {module_name} raised {type(e).__name__}: {e}") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise RewardError(f"reward {spec!r}: {module_name} has no function {function_name}")
+    check_signature(spec, function)
     return function
+
+
+def check_signature(spec: str, function) -> None:
+    """A reward is called as function(prompts, completions, **rows): RewardError now, before any training, when its
+    parameters cannot take that call."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return       # a builtin without a readable signature: nothing to check
+    takes_rows = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    try:
+        signature.bind([], [])
+    except TypeError as e:
+        takes_rows = False
+        why = str(e)
+    else:
+        why = "it takes no **rows (the other fields of the prompt rows)"
+    if not takes_rows:
+        raise RewardError(f"reward {spec!r}: signature {function.__name__}{signature} cannot be called as "
+                          f"(prompts, completions, **rows): {why}")
 
 
 class CombinedReward:

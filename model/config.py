@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -353,6 +354,9 @@ def load_model_config(name_or_path: str, overrides: dict | None = None) -> Model
     try:
         return ModelConfig(**merged)
     except ConfigError as e:
+        flags = [f"--{k} {v}" for k, v in (overrides or {}).items() if re.search(rf"\b{k}\b", str(e))]
+        if flags:     # a value given as a flag is to blame, not the preset it overrides
+            source = f"command line: {', '.join(flags)} (over {source})"
         raise ConfigError(str(e).replace("model config", source, 1)) from None
 
 

@@ -16,6 +16,7 @@ tokenizer_config.json (CHAT_TEMPLATE below), so that Hugging Face's `apply_chat_
 
 import json
 import os
+from collections.abc import Iterator
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -24,6 +25,8 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"            # end of a turn: the EOS of a chat model
 SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END]   # ids 0, 1, 2 in tokenizers this repo trains
 CHAT_ROLES = ("system", "user", "assistant")
+PIECE_CHARS = 1 << 16             # encode_pieces: a long text is tokenized in pieces of at most this many characters
+BATCH_CHARS = 1 << 18             # ... and at most this many characters at a time
 
 # Jinja twin of Tokenizer.render_chat, stored in tokenizer_config.json for Hugging Face users.
 CHAT_TEMPLATE = (
@@ -86,6 +89,26 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_pieces(self, texts: list[str]) -> Iterator[tuple[int, list[int], bool]]:
+        """(index of the text, ids of one piece of it, whether the piece ends the text), in order, for corpora of
+        any document length: tokenizing a whole 50 MB document at once holds ~170 bytes per character (offsets,
+        token strings), so long texts are cut into pieces of at most PIECE_CHARS characters (before a space, where
+        there is one in the piece's second half: byte-level BPE words start at a space, so the ids are those of the
+        whole text, except where a cut splits a run of several spaces) and tokenized at most BATCH_CHARS characters
+        at a time. Memory stays bounded whatever the row.
+        """
+        pieces = [(i, piece, last) for i, text in enumerate(texts) for piece, last in split_text(text)]
+        start = 0
+        while start < len(pieces):
+            end, chars = start, 0
+            while end < len(pieces) and (end == start or chars + len(pieces[end][1]) <= BATCH_CHARS):
+                chars += len(pieces[end][1])
+                end += 1
+            encoded = self.hf.encode_batch([p for _, p, _ in pieces[start:end]], add_special_tokens=False)
+            for (i, _, last), e in zip(pieces[start:end], encoded):
+                yield i, e.ids, last
+            start = end
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
@@ -113,6 +136,18 @@ class Tokenizer:
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         """Ids of a conversation followed by the header that asks the assistant to answer."""
         return self.render_chat(messages, add_generation_prompt=True)[0]
+
+
+def split_text(text: str) -> Iterator[tuple[str, bool]]:
+    """(piece, is the last) of a text cut into pieces of at most PIECE_CHARS characters, each cut before a space
+    in the piece's second half where there is one (see Tokenizer.encode_pieces); a short text is one piece."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = text.rfind(" ", start + PIECE_CHARS // 2, start + PIECE_CHARS)
+        cut = cut if cut > start else start + PIECE_CHARS
+        yield text[start:cut], False
+        start = cut
+    yield text[start:], True
 
 
 def render_chat_text(messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:

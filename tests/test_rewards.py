@@ -103,6 +103,10 @@ def test_combined_rewards_weigh_and_keep_each_function():
     assert total == pytest.approx([1.0 + 0.5 + 0.02 * len(completions[0]), 0.25 + 0.02 * len(completions[1])])
 
 
+def returns_text(prompts, completions, **rows):
+    return "text"
+
+
 def test_reward_errors_name_the_reward():
     with pytest.raises(RewardError, match="reward 'nope': not a built-in"):
         load_reward("nope")
@@ -112,8 +116,27 @@ def test_reward_errors_name_the_reward():
         load_reward("test_rewards:missing")
     with pytest.raises(RewardError, match="2 reward functions but 1 weights"):
         CombinedReward(["format", "exact_answer"], [1.0])
-    bad = CombinedReward(["test_rewards:answer"])      # returns a string, not a list of floats
+    bad = CombinedReward(["test_rewards:returns_text"])      # returns a string, not a list of floats
     with pytest.raises(RewardError, match="returned str"):
         bad(["p"], ["c"], {})
     with pytest.raises(RewardError, match="needs prompt rows with fields"):
         load_reward("exact_answer")(["q"], ["c"])
+
+
+def test_a_broken_reward_module_is_one_line_before_training(tmp_path, monkeypatch):
+    """A SyntaxError in the module, an exception while importing it, and a function whose parameters cannot take
+    (prompts, completions, **rows) are RewardErrors at load time, naming the file and line or the signature."""
+    (tmp_path / "broken_syntax.py").write_text("def r(prompts, completions, **rows):\n    return [1.0 for c in\n")
+    (tmp_path / "broken_import.py").write_text("raise RuntimeError('no GPU here')\n")
+    (tmp_path / "wrong_args.py").write_text("def r(completion):\n    return [1.0]\n\n"
+                                             "def no_rows(prompts, completions):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match=r"broken_syntax.py: line 2: syntax error"):
+        load_reward("broken_syntax:r")
+    with pytest.raises(RewardError, match=r"importing broken_import raised RuntimeError: no GPU here"):
+        load_reward("broken_import:r")
+    with pytest.raises(RewardError, match=r"signature r\(completion\) cannot be called as \(prompts, completions, "
+                                          r"\*\*rows\): too many positional arguments"):
+        load_reward("wrong_args:r")
+    with pytest.raises(RewardError, match=r"signature no_rows\(prompts, completions\) .* takes no \*\*rows"):
+        load_reward("wrong_args:no_rows")

@@ -19,8 +19,14 @@ lives here, in this order:
     sequences      gather_logprobs (per-token log-probs through the fused kernel), reference_logprobs, rollout and
                    pack_sequences (sampled completions laid out with masks), and the pieces of the RL objectives
                    several trainers share: clipped_surrogate (PPO-clip), k3_kl, masked_mean, linear_schedule
-    checkpoints    check_out_dir, save_training_checkpoint (with a method's own state), load_resume_state,
-                   restore_training_state (full weights, or LoRA adapters)
+    checkpoints    check_out_dir (usable, locked by RunDirLock), save_training_checkpoint (with a method's own
+                   state; never non-finite weights), load_resume_state, restore_training_state (full weights, or
+                   LoRA adapters; corrupt or non-finite states refused)
+
+Non-finite numbers: RunLogger.log_train stops the run (TrainingDiverged, one line) on a loss or gradient norm that is
+not finite, values it reads at log steps anyway; save_training_checkpoint never writes non-finite weights, so
+`latest` and rotation keep the newest finite checkpoint; --skip_nonfinite_steps makes optimizer_step skip such
+updates instead, a bounded number of times.
 
 Checkpoints: OUT_DIR/step_000123/ is a Hugging Face directory (model.checkpoint.save_checkpoint) with the resume
 state beside the weights, never pickled:
@@ -44,6 +50,7 @@ are dropped, which only matters for dropout.
 
 import argparse
 import dataclasses
+import fcntl
 import gc
 import importlib
 import json
@@ -53,6 +60,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import time
 import types
@@ -67,6 +75,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -83,9 +92,21 @@ CONFIG_DIR = os.path.join(REPO_ROOT, "config", "train")
 # Errors
 # =============================================================================================================
 
-# Bad input the user can fix. Each script's main catches these and calls fail(); anything else is a bug and keeps
-# its traceback.
-USER_ERRORS = (ConfigError, DataError, TokenizerError)
+
+class TrainingDiverged(Exception):
+    """The loss or the weights stopped being finite numbers: the run stops before it saves or uses them. The
+    message names what went wrong and the last good checkpoint of the run directory."""
+
+    def __init__(self, problem: str):
+        good = read_latest_quietly(RUN_DIR_LOCK.out_dir) if RUN_DIR_LOCK.out_dir else None
+        super().__init__(f"{problem}: the run stopped and saved none of it; the last good checkpoint is "
+                         f"{good or 'none (nothing was saved yet)'}: lower --learning_rate (or raise --warmup_steps) "
+                         f"and {'--resume from it' if good else 'start again'}")
+
+
+# Bad input the user can fix (and a run that diverged). Each script's main catches these and calls fail(); anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, TokenizerError, TrainingDiverged)
 
 
 def fail(message: str) -> NoReturn:
@@ -149,6 +170,9 @@ class TrainConfig:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = no clipping"})
+    skip_nonfinite_steps: int = field(default=0, metadata={
+        "help": "skip an update whose gradient norm is NaN or inf, at most this many times in a run (a device sync "
+                "per step); 0 = a non-finite loss or gradient norm stops the run"})
     # ---- LoRA (any trainer; off when lora_rank is 0) ----
     lora_rank: int = field(default=0, metadata={"help": "rank of LoRA adapters on the frozen model; 0 = train every "
                                                         "weight (no LoRA)"})
@@ -192,16 +216,16 @@ class TrainConfig:
         """Range checks of the shared flags; a method's config extends this with its own."""
         at_least = {"max_seq_len": 2, "epochs": 1, "batch_size": 1, "accumulation_steps": 1, "log_interval": 1,
                     "eval_batches": 1, "eval_task_samples": 1, "eval_max_new_tokens": 1, "max_steps": 0, "warmup_steps": 0, "eval_interval": 0,
-                    "save_interval": 0, "keep_checkpoints": 0}
+                    "save_interval": 0, "keep_checkpoints": 0, "skip_nonfinite_steps": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise FlagError(name, f"must be at least {low}, got {getattr(self, name)}")
         for name in ("learning_rate",):
-            if not getattr(self, name) > 0:
-                raise FlagError(name, f"must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise FlagError(name, f"must be a positive finite number, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise FlagError(name, f"must not be negative, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise FlagError(name, f"must be a finite number at least 0, got {getattr(self, name)}")
         for name in ("min_lr_ratio",):
             if not 0 <= getattr(self, name) <= 1:
                 raise FlagError(name, f"must be in [0, 1], got {getattr(self, name)}")
@@ -780,8 +804,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, fused=device.type == "cuda")
+    if cfg.skip_nonfinite_steps:     # read by optimizer_step
+        optimizer.nonfinite_skips = {"limit": cfg.skip_nonfinite_steps, "taken": 0}
+    return optimizer
 
 
 def cosine_lr(step: int, max_steps: int, warmup: int, lr: float, min_lr_ratio: float) -> float:
@@ -836,12 +863,25 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     """Set the learning rate, unscale, clip the global gradient norm, step, clear gradients.
 
     Returns the gradient norm before clipping (a tensor: read it at log steps only, it syncs the device).
+    Under --skip_nonfinite_steps (build_optimizer) an update whose gradient norm is not finite is skipped instead
+    (reading the norm every step), at most that many times, then TrainingDiverged; float16's GradScaler skips
+    overflowing steps on its own.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)     # a group may run at a multiple of the schedule
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    skips = getattr(optimizer, "nonfinite_skips", None)
+    if skips is not None and not scaler.is_enabled() and not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        skips["taken"] += 1
+        if skips["taken"] > skips["limit"]:
+            raise TrainingDiverged(f"the gradient norm was not finite ({grad_norm.item()}) in {skips['taken']} "
+                                   f"steps, more than --skip_nonfinite_steps {skips['limit']}")
+        print0(f"skipped an update whose gradient norm is {grad_norm.item()} ({skips['taken']} of at most "
+               f"{skips['limit']})")
+        return grad_norm
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -917,6 +957,9 @@ class RunLogger:
                  wandb_run_id: str | None = None):
         self.enabled = dist.is_main
         self.total_steps, self.start_step = total_steps, start_step
+        # a non-finite gradient norm is normal under float16's GradScaler (it skips the step) and --skip_nonfinite_steps
+        self.stop_on_grad_norm = resolve_dtype(cfg.dtype, dist.device) != torch.float16
+        self.skips_nonfinite = cfg.skip_nonfinite_steps > 0
         self.flops_per_token = flops_per_token
         peak = peak_flops(dist.device)
         self.peak_flops = peak * dist.world_size if peak else None
@@ -959,7 +1002,13 @@ class RunLogger:
     def log_train(self, step: int, loss: float, lr: float, grad_norm: float, epoch: float,
                   show: tuple[str, ...] | None = None, **extra: float) -> None:
         """One console line and one record; `show` names the extra metrics the console line prints (all when None),
-        the record and wandb get all of them."""
+        the record and wandb get all of them. A loss or gradient norm that is not finite stops the run
+        (TrainingDiverged, on every rank: both are the same on all ranks) unless --skip_nonfinite_steps skips such
+        updates."""
+        if not self.skips_nonfinite and not math.isfinite(loss):
+            raise TrainingDiverged(f"step {step}: the loss is {loss} (gradient norm {grad_norm:.6g})")
+        if not self.skips_nonfinite and self.stop_on_grad_norm and not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"step {step}: the gradient norm is {grad_norm} (loss {loss:.6g})")
         if not self.enabled:
             return
         now = time.time()
@@ -1092,6 +1141,7 @@ def print_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_token
     turn in the chat template and the answer stops at <|im_end|>. A generator of its own leaves training's RNG be."""
     from minitrain.model.generate import generate
     raw = unwrap(model)
+    check_finite_weights(raw, "before printing samples")
     was_training = raw.training
     raw.eval()
     device = next(raw.parameters()).device
@@ -1345,14 +1395,88 @@ def read_latest(out_dir: str) -> str | None:
     return path
 
 
+class RunDirLock:
+    """OUT_DIR/run.lock, held (fcntl.flock, exclusive) by rank 0 for the life of the run, so that a second run on
+    the same --out_dir stops at once instead of mixing its checkpoints into this one's. The file names the holder
+    (pid and host). The kernel drops the lock when the process ends in any way, kill -9 included, so a lock left by
+    a killed run never blocks --resume.
+    """
+
+    def __init__(self):
+        self.out_dir, self.file = "", None
+
+    def acquire(self, out_dir: str) -> None:
+        if self.file is not None:     # a second run in this process (tests): the first one has ended
+            self.file.close()
+            self.out_dir, self.file = "", None
+        path = os.path.join(out_dir, "run.lock")
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise ConfigError(f"--out_dir {out_dir}: cannot write in it ({e.strerror})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"--out_dir {out_dir} is in use by another run ({holder}, {path}): wait for it to end "
+                              f"or choose another --out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.out_dir, self.file = out_dir, f      # held until the process ends
+
+
+RUN_DIR_LOCK = RunDirLock()
+
+
 def check_out_dir(cfg: TrainConfig) -> None:
-    """--resume needs a checkpoint in --out_dir; a fresh run must not mix its files into an earlier run's."""
+    """Before anything else: --out_dir can be created and written, rank 0 holds its lock (RunDirLock), --resume
+    finds a checkpoint there and a fresh run does not mix its files into an earlier run's."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ConfigError(f"--out_dir {cfg.out_dir}: exists and is not a directory")
     latest = os.path.join(cfg.out_dir, "latest")
     if cfg.resume and not os.path.isfile(latest):
         raise ConfigError(f"--resume: {latest} not found (no checkpoint to continue from in --out_dir {cfg.out_dir})")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out_dir {cfg.out_dir}: cannot create it ({e.strerror}: {e.filename})") from None
+    if not os.access(cfg.out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out_dir {cfg.out_dir}: not writable")
+    if int(os.environ.get("RANK", 0)) == 0:
+        RUN_DIR_LOCK.acquire(cfg.out_dir)
+    else:
+        RUN_DIR_LOCK.out_dir = cfg.out_dir      # for TrainingDiverged's message; rank 0 holds the lock
     if not cfg.resume and os.path.isfile(latest):
         raise ConfigError(f"--out_dir {cfg.out_dir} already holds a run ({latest}): pass --resume to continue it, "
                           f"or choose another --out_dir")
+
+
+def read_latest_quietly(out_dir: str) -> str | None:
+    """read_latest, or None where there is no readable pointer (for messages)."""
+    try:
+        return read_latest(out_dir)
+    except (ConfigError, OSError):
+        return None
+
+
+def nonfinite_tensors(tensors) -> list[str]:
+    """Names of the (name, tensor) pairs holding a NaN or an infinity (one device sync for all of them)."""
+    pairs = [(name, t) for name, t in tensors if t.is_floating_point() and t.numel()]
+    if not pairs:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in pairs]).cpu().tolist()
+    return [name for (name, _), ok in zip(pairs, finite) if not ok]
+
+
+def check_finite_weights(model: nn.Module, when: str, method_tensors: dict | None = None) -> None:
+    """TrainingDiverged when a parameter of the model (or a method tensor, e.g. PPO's critic) is not finite."""
+    bad = nonfinite_tensors(list(unwrap(model).named_parameters()) + list((method_tensors or {}).items()))
+    if bad:
+        raise TrainingDiverged(f"{when}: {len(bad)} weight tensors are not finite (NaN or inf), e.g. {bad[0]}")
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -1455,7 +1579,11 @@ def save_training_checkpoint(cfg: TrainConfig, dist: DistInfo, step: int, model:
     A method's own state (SPO's tracker, DPO's running statistics) goes into the resume state too: method_state
     (JSON-able) as resume_state.json's "method_state", method_tensors as "method.<name>" tensors; a resumed run reads
     them back from ResumeState.method_state / method_tensors.
+
+    Weights that are not finite are never written (TrainingDiverged on every rank, `latest` left on the last good
+    checkpoint), so rotation never removes the newest finite checkpoint.
     """
+    check_finite_weights(model, f"step {step}", method_tensors)
     rng_json, rng_tensors = gather_rng_states(dist)
     path = os.path.join(cfg.out_dir, step_dir_name(step))
     if dist.is_main:
@@ -1521,9 +1649,24 @@ def load_resume_state(out_dir: str) -> ResumeState:
     path = read_latest(out_dir)
     if path is None:
         raise ConfigError(f"--resume: {os.path.join(out_dir, 'latest')} not found")
-    with open(os.path.join(path, RESUME_JSON)) as f:
-        state = json.load(f)
-    return ResumeState(path, state["step"], state, load_file(os.path.join(path, RESUME_TENSORS)))
+    try:
+        with open(os.path.join(path, RESUME_JSON)) as f:
+            state = json.load(f)
+        step = state["step"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{os.path.join(path, RESUME_JSON)}: corrupt resume state ({e}); resume from an "
+                          f"earlier checkpoint (point {os.path.join(out_dir, 'latest')} at it)") from None
+    tensors_path = os.path.join(path, RESUME_TENSORS)
+    try:
+        tensors = load_file(tensors_path)
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{tensors_path}: corrupt or unreadable resume state ({e}); resume from an earlier "
+                          f"checkpoint (point {os.path.join(out_dir, 'latest')} at it)") from None
+    bad = nonfinite_tensors(tensors.items())
+    if bad:
+        raise ConfigError(f"{tensors_path}: {len(bad)} tensors are not finite (NaN or inf), e.g. {bad[0]}: the run "
+                          f"had diverged; resume from an earlier checkpoint")
+    return ResumeState(path, step, state, tensors)
 
 
 def restore_training_state(resume: ResumeState, cfg: TrainConfig, model: nn.Module, optimizer, scaler,
@@ -1539,6 +1682,10 @@ def restore_training_state(resume: ResumeState, cfg: TrainConfig, model: nn.Modu
         load_adapter_weights(model, resume.path)
     else:
         load_weights(unwrap(model), resume.path)
+    bad = nonfinite_tensors(unwrap(model).named_parameters())
+    if bad:
+        raise ConfigError(f"{resume.path}: {len(bad)} weight tensors are not finite (NaN or inf), e.g. {bad[0]}: the "
+                          f"run had diverged; resume from an earlier checkpoint")
     try:
         optimizer.load_state_dict(optimizer_state_dict(resume.tensors, state["optimizer_param_groups"],
                                                        state["optimizer_scalars"]))

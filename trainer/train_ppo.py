@@ -165,8 +165,9 @@ class PPOConfig(TrainConfig):
             raise FlagError("reward_model_weight", f"must be a finite number, got {self.reward_model_weight}")
         if self.target_kl is not None and not self.target_kl > 0:
             raise FlagError("target_kl", f"must be positive (or None for a fixed kl_coef), got {self.target_kl}")
-        if self.critic_learning_rate is not None and not self.critic_learning_rate > 0:
-            raise FlagError("critic_learning_rate", f"must be positive, got {self.critic_learning_rate}")
+        if self.critic_learning_rate is not None and not 0 < self.critic_learning_rate < math.inf:
+            raise FlagError("critic_learning_rate",
+                            f"must be a positive finite number, got {self.critic_learning_rate}")
         rows = self.batch_size * self.accumulation_steps
         if rows % self.num_mini_batches:
             raise FlagError("num_mini_batches", f"({self.num_mini_batches}) must divide batch_size * "
