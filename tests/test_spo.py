@@ -30,12 +30,12 @@ def test_forgetting_factor_and_policy_change():
 def test_tracker_initialisation_update_and_estimate():
     tracker = BetaTracker(3, rho_min=0.8, rho_max=0.95, d_half=0.06)
     assert tracker.effective_count == pytest.approx(5.0)                       # N = 1 / (1 - rho_min)
-    tracker.initialise(0, [1.0, 0.0, 1.0, 1.0])                               # p0 = 0.75
-    assert (tracker.alpha[0].item(), tracker.beta[0].item()) == pytest.approx((3.75, 1.25))
-    assert tracker.p_hat([0]).item() == pytest.approx(0.75)
+    tracker.initialise(0, [1.0, 0.0, 1.0, 1.0])                   # s = 3 of n = 4: N (s + 1/2) / (n + 1), ...
+    assert (tracker.alpha[0].item(), tracker.beta[0].item()) == pytest.approx((3.5, 1.5))
+    assert tracker.p_hat([0]).item() == pytest.approx(0.7)
     tracker.update(0, r=0.0, rho=0.9)                                          # alpha <- rho alpha + r, ...
-    assert (tracker.alpha[0].item(), tracker.beta[0].item()) == pytest.approx((0.9 * 3.75, 0.9 * 1.25 + 1))
-    assert tracker.p_hat([0]).item() == pytest.approx(3.375 / (3.375 + 2.125))
+    assert (tracker.alpha[0].item(), tracker.beta[0].item()) == pytest.approx((0.9 * 3.5, 0.9 * 1.5 + 1))
+    assert tracker.p_hat([0]).item() == pytest.approx(3.15 / (3.15 + 2.35))
     assert tracker.p_hat([1]).item() == 0.5                                    # untouched: Beta(1, 1)
     assert tracker.rho(None) == 0.95 and tracker.rho(0.06) == pytest.approx(0.8)   # 0.5 clipped up to rho_min
     assert BetaTracker(1, 0.8, 0.95, 0.06, constant_rho=0.9).rho(10.0) == 0.9
@@ -44,6 +44,26 @@ def test_tracker_initialisation_update_and_estimate():
     restored.load_state_tensors(tracker.state_tensors())
     assert torch.equal(restored.alpha, tracker.alpha) and torch.equal(restored.beta, tracker.beta)
     assert restored.last == tracker.last
+
+
+def test_tracker_initialisation_is_smoothed_as_in_the_authors_code():
+    # N = 1 / (1 - 0.875) = 8; 0 of 2: alpha = 8 * 0.5 / 3, beta = 8 * 2.5 / 3, p_hat = 1/6 (not 0); 2 of 2: 5/6
+    tracker = BetaTracker(2, rho_min=0.875, rho_max=0.96, d_half=0.06)
+    tracker.initialise(0, [0.0, 0.0])
+    tracker.initialise(1, [1.0, 1.0])
+    assert tracker.alpha.tolist() == pytest.approx([4 / 3, 20 / 3])
+    assert tracker.beta.tolist() == pytest.approx([20 / 3, 4 / 3])
+    assert tracker.p_hat([0, 1]).tolist() == pytest.approx([1 / 6, 5 / 6])
+    weights = sampling_weights(tracker.p_hat([0, 1]), 0.05)                    # sqrt(5/36) + 0.05, not the floor
+    assert weights.tolist() == pytest.approx([0.4227, 0.4227], abs=1e-4)
+
+
+def test_advantage_normalisation_does_not_move_when_every_advantage_shifts():
+    raw = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0]) - torch.tensor([0.25, 0.5, 0.75, 0.5, 0.125])
+    A = normalise_advantages(raw)
+    shifted = normalise_advantages(raw + 1000.0)                   # one-pass E[x^2] - mean^2 in float32 gave 0 std
+    assert torch.allclose(shifted, A, atol=1e-4)
+    assert A.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_advantages_are_normalised_over_the_batch():

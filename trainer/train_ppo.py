@@ -223,15 +223,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def masked_moments(x: torch.Tensor, mask: torch.Tensor, across_ranks: bool = True) -> tuple[float, float]:
-    """(mean, unbiased variance) of x where mask is 1, over every rank's tokens (one all-reduce, float64)."""
-    mask = mask.to(x.dtype)
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    """(mean, unbiased variance) of x where mask is 1, over every rank's tokens, in two passes in float64: the mean
+    (one all-reduce of sum and count), then the squared deviations from it (another). One pass of E[x^2] - mean^2
+    cancels catastrophically for values far from zero."""
+    keep = mask.bool()
+    x = torch.where(keep, x.double(), 0.0)                                     # [B, T]; padding never enters
+    stats = torch.stack([x.sum(), keep.sum().double()])
     if across_ranks and is_distributed():
         torch.distributed.all_reduce(stats)
-    total, squares, n = stats.tolist()
+    total, n = stats.tolist()
     mean = total / max(n, 1.0)
-    variance = max(squares / max(n, 1.0) - mean * mean, 0.0) * n / max(n - 1.0, 1.0)   # Bessel's correction
-    return mean, variance
+    squares = torch.where(keep, (x - mean) ** 2, 0.0).sum()
+    if across_ranks and is_distributed():
+        torch.distributed.all_reduce(squares)
+    return mean, squares.item() / max(n - 1.0, 1.0)                                 # Bessel's correction
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
@@ -259,11 +264,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * torch.max(unclipped_loss, clipped_loss), clipped_loss > unclipped_loss
 
 
-def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(pi_old || pi) from samples of pi_old: (ratio - 1) - log ratio, ratio = pi / pi_old.
     Non-negative, unbiased ("k3", Schulman 2020, http://joschu.net/blog/kl-approx.html); the early-stopping
-    statistic of --target_approx_kl and the policy/approxkl metric."""
-    log_ratio = logp - old_logp
+    statistic of --target_approx_kl and the policy/approxkl metric. Where mask is 0 the log-ratio is 0 before the
+    exp (no inf * 0 = NaN from a huge gap at a padding column)."""
+    log_ratio = logp - old_logp if mask is None else torch.where(mask.bool(), logp - old_logp, 0.0)
     return torch.exp(log_ratio) - 1 - log_ratio
 
 
@@ -550,10 +556,10 @@ def train(cfg: PPOConfig) -> None:
                                 if values is None:
                                     values = critic_values(train_critic, ids[rows], attention[rows])
                             pg, low, high = clipped_surrogate(logp, old_logp[rows], advantages[rows], cfg.cliprange,
-                                                              cfg.cliprange)
+                                                              cfg.cliprange, m)
                             policy_part = ((pg - cfg.entropy_coef * entropy) * m).sum() / mb_tokens
                             with torch.no_grad():
-                                kl_tokens = approx_kl(logp, old_logp[rows]) * m
+                                kl_tokens = approx_kl(logp, old_logp[rows], m) * m
                                 epoch_kl += torch.stack([kl_tokens.sum(), m.sum()]).double()
                                 sums["pg"] += float((pg * m).sum())
                                 sums["entropy"] += float((entropy * m).sum())

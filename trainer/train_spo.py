@@ -10,9 +10,9 @@ remembers, for every prompt, a Beta(alpha, beta) belief over the policy's chance
                                                                the prompt's last stored response (how far the
                                                                policy has moved since the tracker last saw it)
     update     alpha <- rho * alpha + r,  beta <- rho * beta + (1 - r)
-    init       n0 = --init_samples responses per prompt before training: p0 = their mean success,
-               alpha = N * p0, beta = N * (1 - p0) with N = 1 / (1 - rho_min), the effective count of the tracker
-               at its fastest forgetting
+    init       n0 = --init_samples responses per prompt before training, s of them successes:
+               alpha = N (s + 1/2) / (n0 + 1), beta = N (n0 - s + 1/2) / (n0 + 1) (the authors' released code) with
+               N = 1 / (1 - rho_min), the effective count of the tracker at its fastest forgetting
     sampling   each micro-batch draws its prompts from --candidate_factor times as many candidates with weight
                sqrt(p_hat (1 - p_hat)) + epsilon: prompts the policy sometimes solves carry the most signal
 
@@ -140,13 +140,19 @@ def sampling_weights(p_hat: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 
 def normalise_advantages(raw: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(A - mean) / (std + eps) over the whole batch of every rank (one all-reduce of sum, sum of squares, count)."""
-    stats = torch.stack([raw.sum(), (raw ** 2).sum(), torch.tensor(float(raw.numel()), device=raw.device)])
+    """(A - mean) / (std + eps) over the whole batch of every rank, in two passes in float64: the mean (one
+    all-reduce of sum and count), then the mean squared deviation from it (another); one pass of E[A^2] - mean^2
+    cancels catastrophically when the advantages sit far from zero."""
+    a = raw.double()                                                              # [B]
+    stats = torch.stack([a.sum(), torch.tensor(float(a.numel()), dtype=torch.float64, device=a.device)])
     if is_distributed():
         torch.distributed.all_reduce(stats)
-    mean = stats[0] / stats[2]
-    std = torch.sqrt((stats[1] / stats[2] - mean ** 2).clamp(min=0))
-    return (raw - mean) / (std + eps)
+    mean = stats[0] / stats[1]
+    squares = ((a - mean) ** 2).sum()
+    if is_distributed():
+        torch.distributed.all_reduce(squares)
+    std = torch.sqrt(squares / stats[1])
+    return ((a - mean) / (std + eps)).to(raw.dtype)
 
 
 class BetaTracker:
@@ -169,10 +175,12 @@ class BetaTracker:
         return a / (a + b)
 
     def initialise(self, index: int, successes: list[float]) -> None:
-        """alpha = N p0, beta = N (1 - p0), p0 the mean of the n0 initial successes."""
-        p0 = sum(successes) / len(successes)
-        self.alpha[index] = self.effective_count * p0
-        self.beta[index] = self.effective_count * (1 - p0)
+        """alpha = N (s + 1/2) / (n + 1), beta = N (n - s + 1/2) / (n + 1): s successes of the n initial samples,
+        smoothed as in the authors' released code, so that 0/n or n/n does not start p_hat at exactly 0 or 1 (which
+        would give the prompt the floor weight epsilon and starve it under prioritised sampling)."""
+        n, s = len(successes), sum(successes)
+        self.alpha[index] = self.effective_count * (s + 0.5) / (n + 1)
+        self.beta[index] = self.effective_count * (n - s + 0.5) / (n + 1)
 
     def rho(self, D: float | None) -> float:
         if self.constant_rho is not None:
@@ -400,7 +408,7 @@ def train(cfg: SPOConfig) -> None:
                     with amp:
                         logp, entropy = gather_logprobs(train_model, ids, attention, temperature, with_entropy=True)
                     per_token, low, high = clipped_surrogate(logp.float(), old[m], advantages[s, None], cfg.epsilon,
-                                                             epsilon_high)
+                                                             epsilon_high, mask)
                     loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
                     scaler.scale(loss / cfg.accumulation_steps).backward()
                 sums["loss"] += float((per_token.detach() * mask).sum())
