@@ -248,6 +248,7 @@ def test_shared_critic_under_lora(trained_checkpoints, tmp_path):
     (["--num_mini_batches", "3"], "--num_mini_batches (3) must divide batch_size * accumulation_steps (4)"),
     (["--reward_funcs="], "--reward_funcs is empty and no --reward_model is given"),
     (["--shared_critic", "--critic_from", "x"], "--critic_from cannot be combined with --shared_critic"),
+    (["--vf_coef", "0.5"], "--vf_coef weighs the value loss with --shared_critic only"),   # AdamW: scale-invariant
     (["--lam", "1.5"], "--lam must be in [0, 1]"),
     (["--target_kl", "0"], "--target_kl must be positive"),
     (["--reward_model", "SFT"], "not a sequence classifier"),
