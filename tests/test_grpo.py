@@ -140,6 +140,32 @@ def records(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
+SHIFTED_REWARD = '''
+def digits(prompts, completions, **rows):
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]      # integers: 1000 + r is exact in fp32
+
+
+def digits_plus_1000(prompts, completions, **rows):
+    return [1000 + r for r in digits(prompts, completions)]
+'''
+
+
+def test_shifting_every_reward_leaves_the_batch_scaled_run_unchanged(trained_checkpoints, tmp_path):
+    """The same first step with rewards r and 1000 + r under --scale_rewards batch: the same loss (the one-pass
+    float32 std gave -0.336 against -0.094)."""
+    (tmp_path / "shifted_reward.py").write_text(SHIFTED_REWARD)
+    losses = []
+    for name in ("digits", "digits_plus_1000"):
+        out = tmp_path / name
+        r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, out, "--max_steps", "1", "--save_interval",
+                                                   "0", "--scale_rewards", "batch", "--reward_funcs",
+                                                   f"shifted_reward:{name}", "--reward_weights", "1"),
+                       env={"PYTHONPATH": str(tmp_path)})
+        assert r.returncode == 0, r.stderr
+        losses.append([x["loss"] for x in records(out) if x["kind"] == "train"][0])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and abs(losses[0]) > 0.01
+
+
 def test_grpo_runs_and_logs_trl_metrics(trained_checkpoints, tmp_path):
     r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, tmp_path / "grpo", "--beta", "0.05",
                                                "--loss_type", "grpo"))

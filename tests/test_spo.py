@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import run_script
 from minitrain.dataset.embedded import ensure_embedded_data
 from minitrain.trainer.train_spo import (BetaTracker, choose_prompts, forgetting_factor, normalise_advantages,
-                                         policy_change, sampling_weights)
+                                         policy_change, policy_loss, sampling_weights)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,37 @@ def test_advantage_normalisation_does_not_move_when_every_advantage_shifts():
     assert A.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_global_token_normalisation_over_ranks_and_micro_steps_equals_one_rank_on_the_whole_batch():
+    # 8 completions of ragged lengths 1..5 split over W = 2 ranks x A = 2 micro-steps of 2 rows each
+    per_token = torch.arange(1.0, 41.0).view(8, 5) / 10
+    lengths = [1, 5, 2, 4, 3, 3, 5, 1]
+    mask = torch.tensor([[1.0] * n + [0.0] * (5 - n) for n in lengths])
+    tokens = mask.sum().item()                                                  # 24, all ranks
+    W, A = 2, 2
+
+    def split(normalization):
+        x = per_token.clone().requires_grad_(True)
+        ranks = []
+        for r in range(W):
+            loss = sum(policy_loss(x[rows], mask[rows], normalization, tokens, A, W)
+                       for rows in (slice(4 * r + 2 * m, 4 * r + 2 * m + 2) for m in range(A)))
+            ranks.append(loss)
+        (sum(ranks) / W).backward()                                 # DDP: the mean of the ranks' gradients
+        return (sum(ranks) / W).item(), x.grad
+
+    loss, grad = split("global")
+    assert loss == pytest.approx(((per_token * mask).sum() / tokens).item())   # one token mean over the batch
+    assert torch.allclose(grad, mask / tokens)                                  # every token weighs 1 / 24
+    x = per_token.clone().requires_grad_(True)
+    policy_loss(x, mask, "global", tokens, 1, 1).backward()                      # one rank, one micro-batch
+    assert torch.allclose(grad, x.grad)
+    # micro_batch: the mean of the 4 micro-batches' token means, where a token of a short micro-batch weighs more
+    loss, grad = split("micro_batch")
+    means = [((per_token * mask)[i:i + 2].sum() / mask[i:i + 2].sum()).item() for i in range(0, 8, 2)]
+    assert loss == pytest.approx(sum(means) / 4)
+    assert grad[0, 0].item() == pytest.approx(1 / 4 / 6) and grad[2, 0].item() == pytest.approx(1 / 4 / 6)
+
+
 def test_advantages_are_normalised_over_the_batch():
     raw = torch.tensor([1.0, 0.0, 0.0, 0.0]) - torch.tensor([0.25, 0.25, 0.5, 0.0])
     A = normalise_advantages(raw)
@@ -75,8 +106,8 @@ def test_advantages_are_normalised_over_the_batch():
 
 def test_prioritised_sampling_weights_and_draws():
     tracker = BetaTracker(4, 0.8, 0.95, 0.06)
-    for i, p in enumerate([0.0, 0.5, 1.0, 0.25]):
-        tracker.initialise(i, [p])
+    p = torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=torch.float64)
+    tracker.alpha, tracker.beta = 5 * p, 5 * (1 - p)                         # p_hat = p
     weights = sampling_weights(tracker.p_hat([0, 1, 2, 3]), 0.05)
     assert torch.allclose(weights.double(), torch.tensor([0.05, 0.55, 0.05, (0.25 * 0.75) ** 0.5 + 0.05],
                                                          dtype=torch.float64))

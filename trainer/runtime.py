@@ -1226,6 +1226,16 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return loss, low, high
 
 
+def step_token_count(masks: list[torch.Tensor], device: torch.device) -> float:
+    """The target tokens of one whole optimizer step: the masks of every micro-batch of this rank, summed over all
+    ranks (one all-reduce). A micro-batch's summed loss divided by it, times the number of ranks (DDP averages the
+    ranks' gradients), gives the token mean over the global batch: DAPO's token-level loss and TRL's GKD."""
+    total = torch.tensor([sum(float(m.sum()) for m in masks)], device=device, dtype=torch.float64)
+    if is_distributed():
+        tdist.all_reduce(total)
+    return total.item()
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 

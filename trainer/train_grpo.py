@@ -55,7 +55,8 @@ from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, Globa
                                        mean_over_ranks, optimizer_step, pack_sequences, parse_config,
                                        prepare_phase_data, print0, reference_logprobs, resolve_dtype,
                                        restore_training_state, reward_model_scores, rollout, save_training_checkpoint,
-                                       seed_everything, setup_distributed, sync_gradients, wrap_model)
+                                       seed_everything, setup_distributed, step_token_count, sync_gradients,
+                                       wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/grpo.yaml"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -366,11 +367,7 @@ def train(cfg: GRPOConfig) -> None:
                 if cfg.beta > 0:
                     micro["ref"] = reference_logprobs(reference, train_model, ids, attention, temperature).float()
             micro_batches.append(micro)
-        tokens_in_step = sum(float(mb["mask"].sum()) for mb in micro_batches)
-        if cfg.loss_type == "dapo" and is_distributed():
-            total = torch.tensor([tokens_in_step], device=dist.device)
-            torch.distributed.all_reduce(total)
-            tokens_in_step = total.item()
+        tokens_in_step = step_token_count([mb["mask"] for mb in micro_batches], dist.device)     # all ranks (dapo)
 
         # ---- 4. num_iterations optimizer steps on the batch ----
         sums = {"kl": 0.0, "entropy": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "loss": 0.0}
