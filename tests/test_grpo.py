@@ -142,7 +142,8 @@ def records(out):
 
 SHIFTED_REWARD = '''
 def digits(prompts, completions, **rows):
-    return [float(sum(ch.isdigit() for ch in c)) for c in completions]      # integers: 1000 + r is exact in fp32
+    # the share of digits in multiples of 1/64, so that 1000 + r is exact in float32
+    return [round(64 * sum(ch.isdigit() for ch in c) / max(1, len(c))) / 64 for c in completions]
 
 
 def digits_plus_1000(prompts, completions, **rows):
