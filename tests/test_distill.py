@@ -22,7 +22,7 @@ from minitrain.model.checkpoint import load_tokenizer, save_checkpoint
 from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer.train_distill import (divergence, head_argmax, is_on_policy, last_answer_start, main, objective,
-                                             token_agreement)
+                                             token_agreement, token_weights)
 
 LOSSES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)]
 
@@ -102,6 +102,50 @@ def test_objective_mixes_ce_and_t_squared_divergence(T):
         expected = [T * (q - p) / sum(MASK) if target else 0.0
                     for q, p in zip(softmax(STUDENT[row], T), softmax(TEACHER[row], T))]
         assert torch.allclose(student.grad[row], torch.tensor(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("normalization", ["global", "micro_batch"])
+def test_token_normalisation_over_ranks_and_micro_steps(normalization):
+    """W = 2 ranks x A = 2 micro-steps with ragged target counts (1, 5, 3, 2 of 6 rows): global normalisation gives
+    the loss and gradient of one rank over the whole batch, each term's token mean; micro_batch the mean of the 4
+    micro-batches' token means."""
+    g = torch.Generator().manual_seed(3)
+    H, V, T, alpha, W, A = 5, 11, 2.0, 0.3, 2, 2
+    hidden, teacher = torch.randn(4, 6, H, generator=g), torch.randn(4, 6, H, generator=g)
+    head, teacher_head = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (4, 6), generator=g)
+    mask = torch.tensor([[True] * n + [False] * (6 - n) for n in (1, 5, 3, 2)])
+    labels[~mask] = -100
+
+    def terms(w, k):                  # micro-batch k's token means: CE and the divergence
+        ce = F.cross_entropy(hidden[k] @ w.T, labels[k], ignore_index=-100) if mask[k].any() else 0 * w.sum()
+        return ce, divergence(hidden[k], w, teacher[k], teacher_head, mask[k], "forward_kl", 0.0, T)
+
+    w = head.clone().requires_grad_(True)
+    total, ranks = float(mask.sum()), []
+    for r in range(W):
+        loss = 0
+        for m in range(A):
+            k = r * A + m
+            w_ce, w_div = token_weights(float(mask[k].sum()), float(mask[k].sum()), normalization, total, total,
+                                        A, W)
+            ce, div = terms(w, k)
+            loss = loss + objective(w_ce * ce, w_div * div, alpha, T)
+        ranks.append(loss)
+    split = sum(ranks) / W                                          # DDP: the mean of the ranks' gradients
+    split.backward()
+    if normalization == "global":
+        one = head.clone().requires_grad_(True)
+        flat = mask.reshape(-1)
+        ce = F.cross_entropy(hidden.reshape(-1, H) @ one.T, labels.reshape(-1), ignore_index=-100)
+        div = divergence(hidden.reshape(-1, H), one, teacher.reshape(-1, H), teacher_head, flat, "forward_kl", 0.0, T)
+        expected = objective(ce, div, alpha, T)                      # one token mean of each term over all 11
+        expected.backward()
+        assert split.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert torch.allclose(w.grad, one.grad, atol=1e-6)
+    else:
+        means = [objective(*terms(head, k), alpha, T).item() for k in range(4)]
+        assert split.item() == pytest.approx(sum(means) / 4, rel=1e-5)
 
 
 # ---- the fused path against the naive one ------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from minitrain.trainer.runtime import DistInfo
 from minitrain.trainer.train_dpo import (BetaTracker, DPOConfig, beta_dpo_beta, cached_reference_logps,
                                          compute_reference_logps, filter_pairs, gap_weights, hinge_loss, ipo_loss,
                                          live_reference_logps, pair_losses, quantile_update, reference_cache_path,
-                                         reference_fingerprint, risk_beta, sequence_logps, sft_loss, sigmoid_loss)
+                                         reference_fingerprint, risk_beta, rpo_loss, sequence_logps, sft_loss,
+                                         sigmoid_loss)
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_RANKS_TOLERANCE = 1e-4      # logged losses of 2 ranks vs 1 rank with 2x accumulation (float summation order)
@@ -73,15 +74,28 @@ def test_each_loss_equals_its_formula():
     assert torch.allclose(ipo_loss(*args, beta), T([0.25, 6.25]))
     # hinge: max(0, 1 - beta h) = max(0, 0.25), max(0, 1.75)
     assert torch.allclose(hinge_loss(*args, beta), T([0.25, 1.75]))
-    # sft: per-token NLL of the chosen answer
-    assert torch.allclose(sft_loss(T(PC), T([2.0, 4.0])), T([1.5, 1.25]))
+    # rpo: each chosen answer's per-token NLL, 3 / 2 and 5 / 4
+    assert torch.allclose(rpo_loss(T(PC), T([2.0, 4.0])), T([1.5, 1.25]))
+    # sft (TRL's): one token mean over the batch, (3 + 5) / (2 + 4), spread as -pc_i * B / sum(n) over the pairs
+    assert torch.allclose(sft_loss(T(PC), T([2.0, 4.0])), T([1.0, 5 / 3]))
+    assert sft_loss(T(PC), T([2.0, 4.0])).mean().item() == pytest.approx(8 / 6)
+
+
+def test_sft_term_is_trls_token_mean_and_rpo_the_mean_of_answer_means():
+    # one pair of a 1-token chosen answer with NLL 3 beside a 9-token one with NLL 9 (1 a token):
+    # TRL's "sft" = (3 + 9) / (1 + 9) = 1.2; RPO's = (3 / 1 + 9 / 9) / 2 = 2
+    logps = {"pc": T([-3.0, -9.0]), "pr": T([-4.0, -9.5]), "rc": T([-3.0, -9.0]), "rr": T([-4.0, -9.5]),
+             "nc": T([1.0, 9.0]), "nr": T([1.0, 9.0])}
+    _, parts = pair_losses(["sft", "rpo"], [1.0, 1.0], logps, 0.1, 0.0)
+    assert parts["sft"].mean().item() == pytest.approx(1.2)
+    assert parts["rpo"].mean().item() == pytest.approx(2.0)
 
 
 def test_mixed_losses_and_ipo_on_length_averaged_log_probs():
     logps = {"pc": T(PC), "pr": T(PR), "rc": T(RC), "rr": T(RR), "nc": T([2.0, 4.0]), "nr": T([5.0, 1.0])}
     total, parts = pair_losses(["sigmoid", "sft"], [1.0, 0.1], logps, 0.5, 0.0)
     assert torch.allclose(total, parts["sigmoid"] + 0.1 * parts["sft"])
-    assert torch.allclose(parts["sft"], T([1.5, 1.25]))
+    assert torch.allclose(parts["sft"], T([1.0, 5 / 3]))
     _, parts = pair_losses(["ipo"], [1.0], logps, 0.5, 0.0)
     # per-token means: pair 0 h = (-1.5 + 1.75) - (-0.8 + 0.6) = 0.45; pair 1 h = (-1.25 + 1.0) - (-2.5 + 3.0) = -0.75
     assert torch.allclose(parts["ipo"], T([(0.45 - 1) ** 2, (-0.75 - 1) ** 2]))
@@ -103,19 +117,21 @@ def tracker(**flags) -> BetaTracker:
 
 
 def test_beta_dpo_rule_on_hand_made_gaps():
-    t = tracker(beta_mode="beta_dpo", beta_dpo_alpha=0.5)
+    # as β-DPO's released code: M_0 and sigma start at 0 and take each batch in BEFORE beta (unbiased std)
+    t = BetaTracker(DPOConfig(init_from="unused", beta=0.1, beta_min=0.01, beta_max=1.0, beta_momentum=0.9,
+                              beta_mode="beta_dpo", beta_dpo_alpha=0.5))
     gen = torch.Generator().manual_seed(0)
-    # batch 1 seeds M_0 = 3 and sigma = sqrt((4 + 1 + 0 + 9) / 4): beta = beta0
+    # batch 1, mean 3, std sqrt(14 / 3): M_0 = 0.1 * 3 = 0.3, sigma = 0.1 std; beta = 0.1 (1 + 0.5 (3 - 0.3)) = 0.235
     beta, keep = t.step(T([1.0, 2.0, 3.0, 6.0]), gen)
-    assert beta == pytest.approx(0.1) and keep.all()
-    assert (t.mean, t.std, t.count) == pytest.approx((3.0, math.sqrt(3.5), 1))
-    # batch 2, gap 6: beta = 0.1 (1 + 0.5 (6 - 3)) = 0.25, then M_0 <- 0.9 * 3 + 0.1 * 6, sigma <- 0.9 sigma + 0.1 * 1
+    assert beta == pytest.approx(0.235) and keep.all()
+    assert (t.mean, t.std, t.count) == pytest.approx((0.3, 0.1 * math.sqrt(14 / 3), 1))
+    # batch 2, mean 6, std sqrt(2): M_0 = 0.9 * 0.3 + 0.6 = 0.87; beta = 0.1 (1 + 0.5 (6 - 0.87)) = 0.3565
     beta, _ = t.step(T([5.0, 7.0]), gen)
-    assert beta == pytest.approx(0.25)
-    assert (t.mean, t.std) == pytest.approx((3.3, 0.9 * math.sqrt(3.5) + 0.1))
+    assert beta == pytest.approx(0.3565)
+    assert (t.mean, t.std) == pytest.approx((0.87, 0.09 * math.sqrt(14 / 3) + 0.1 * math.sqrt(2)))
     # far below M_0: floored at beta_min; far above: capped at beta_max
     assert t.step(T([-10.0, -12.0]), gen)[0] == pytest.approx(0.01)
-    assert t.step(T([40.0]), gen)[0] == pytest.approx(0.3)
+    assert t.step(T([40.0]), gen)[0] == pytest.approx(1.0)
     assert beta_dpo_beta(0.1, 0.5, 2.0, 1.0, 0.01, 1.0) == pytest.approx(0.15)
 
 
@@ -132,10 +148,11 @@ def test_beta_dpo_filter_weights_and_draws():
     counts = sum(filter_pairs(gaps, 0.0, 1.0, 2 / 3, gen).double() for _ in range(4000))
     assert torch.allclose(counts / 4000, torch.tensor(expected, dtype=torch.float64), atol=0.03)
     # in the tracker: the outlier is never kept and beta follows the mean gap of the kept pairs (0, not 25)
-    t = tracker(beta_mode="beta_dpo", beta_dpo_alpha=0.5, beta_filter_keep=0.75)
+    # (M_0 <- 0.9 * 0 + 0.1 * 25 = 2.5 and sigma <- 0.9 + 0.1 * 50 = 5.9 first; beta = 0.1 (1 + 0.2 (0 - 2.5)))
+    t = tracker(beta_mode="beta_dpo", beta_dpo_alpha=0.2, beta_filter_keep=0.75)
     t.mean, t.std, t.count = 0.0, 1.0, 5
     beta, keep = t.step(T([0.0, 0.0, 0.0, 100.0]), gen)
-    assert keep.tolist() == [True, True, True, False] and beta == pytest.approx(0.1)
+    assert keep.tolist() == [True, True, True, False] and beta == pytest.approx(0.05)
 
 
 def test_risk_aware_rule_on_hand_made_gaps():

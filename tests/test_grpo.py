@@ -14,7 +14,7 @@ from conftest import run_script
 from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer.runtime import clipped_surrogate, gather_logprobs, k3_kl, pack_sequences, rollout
-from minitrain.trainer.train_grpo import aggregate_loss, group_advantages
+from minitrain.trainer.train_grpo import aggregate_loss, batch_reward_std, group_advantages
 
 
 def test_group_advantages_under_each_scaling():
@@ -26,6 +26,16 @@ def test_group_advantages_under_each_scaling():
     assert torch.all(group_advantages(rewards, 4, "group")[4:8] == 0)                     # equal rewards: no signal
     assert torch.allclose(group_advantages(rewards, 4, "batch"), (rewards - mean) / (rewards.std() + 1e-4))
     assert torch.allclose(group_advantages(rewards, 4, "batch", batch_std=2.0), (rewards - mean) / (2.0 + 1e-4))
+
+
+def test_batch_scaled_advantages_do_not_move_when_every_reward_shifts():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0, 1.0])   # 3 groups of 4
+    assert batch_reward_std(rewards) == pytest.approx(rewards.double().std().item(), rel=1e-12)
+    for offset in (100.0, 1000.0):      # one float32 pass of E[r^2] - mean^2: 12% off at 100, exactly 0 at 1000
+        shifted = rewards + offset
+        assert batch_reward_std(shifted) == pytest.approx(batch_reward_std(rewards), rel=1e-6)
+        A = group_advantages(shifted, 4, "batch", batch_reward_std(shifted))
+        assert torch.allclose(A, group_advantages(rewards, 4, "batch", batch_reward_std(rewards)), atol=1e-5)
 
 
 def test_clipped_surrogate_and_its_clip_indicators():
@@ -53,6 +63,38 @@ def test_k3_kl_is_the_schulman_estimator_and_its_mean_approaches_kl():
     draws = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
     estimate = k3_kl(p.log()[draws], q.log()[draws]).mean().item()
     assert estimate == pytest.approx((p * (p / q).log()).sum().item(), abs=0.01)
+
+
+def test_a_huge_log_ratio_at_a_masked_column_leaves_loss_and_gradient_finite():
+    # column 0 is a prompt column (mask 0) where policy and old/reference differ by 200 nats: exp(200) = inf in fp32
+    logp = torch.tensor([[-250.0, -1.0, -2.0, -0.5], [-1.0, -0.7, -1.2, -300.0]])
+    old = torch.tensor([[-50.0, -1.1, -1.9, -0.5], [-1.0, -0.8, -1.0, -100.0]])
+    ref = torch.tensor([[-50.0, -1.3, -2.5, -0.4], [-1.0, -0.6, -1.0, -100.0]])
+    mask = torch.tensor([[0.0, 1, 1, 1], [0.0, 1, 1, 0]])
+    A = torch.tensor([[1.5], [-0.5]])
+
+    def loss_of(logp, old, ref, mask):
+        per_token = clipped_surrogate(logp, old, A, 0.2, 0.28, mask)[0] + 0.1 * k3_kl(logp, ref, mask)
+        return aggregate_loss(per_token, mask, "bnpo", 4)
+
+    x = logp.clone().requires_grad_(True)
+    loss = loss_of(x, old, ref, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert torch.all(x.grad[mask == 0] == 0)
+    # the same computed on the unmasked columns alone (huge gaps replaced by 0, which the mask must make irrelevant)
+    keep = mask.bool()
+    y = torch.where(keep, logp, old).requires_grad_(True)
+    expected = loss_of(y, old, torch.where(keep, ref, old), mask)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(x.grad, y.grad, atol=1e-7)
+    # by hand: ratio r and k3 at the 5 unmasked tokens
+    r = torch.exp(logp[keep] - old[keep])
+    adv = A.expand(2, 4)[keep]
+    d = ref[keep] - logp[keep]
+    by_hand = (-torch.min(r * adv, r.clamp(0.8, 1.28) * adv) + 0.1 * (d.exp() - d - 1)).mean()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
 
 
 def test_each_loss_aggregation():
@@ -96,6 +138,33 @@ def grpo_args(checkpoints, out, *extra):
 
 def records(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+SHIFTED_REWARD = '''
+def digits(prompts, completions, **rows):
+    # the share of digits in multiples of 1/64, so that 1000 + r is exact in float32
+    return [round(64 * sum(ch.isdigit() for ch in c) / max(1, len(c))) / 64 for c in completions]
+
+
+def digits_plus_1000(prompts, completions, **rows):
+    return [1000 + r for r in digits(prompts, completions)]
+'''
+
+
+def test_shifting_every_reward_leaves_the_batch_scaled_run_unchanged(trained_checkpoints, tmp_path):
+    """The same first step with rewards r and 1000 + r under --scale_rewards batch: the same loss (the one-pass
+    float32 std gave -0.336 against -0.094)."""
+    (tmp_path / "shifted_reward.py").write_text(SHIFTED_REWARD)
+    losses = []
+    for name in ("digits", "digits_plus_1000"):
+        out = tmp_path / name
+        r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, out, "--max_steps", "1", "--save_interval",
+                                                   "0", "--scale_rewards", "batch", "--reward_funcs",
+                                                   f"shifted_reward:{name}", "--reward_weights", "1"),
+                       env={"PYTHONPATH": str(tmp_path)})
+        assert r.returncode == 0, r.stderr
+        losses.append([x["loss"] for x in records(out) if x["kind"] == "train"][0])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and abs(losses[0]) > 0.01
 
 
 def test_grpo_runs_and_logs_trl_metrics(trained_checkpoints, tmp_path):

@@ -19,7 +19,7 @@ from minitrain.model.config import load_model_config
 from minitrain.model.heads import RewardModel, ValueHead, ValueModel, save_reward_model
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer.runtime import clipped_surrogate
-from minitrain.trainer.train_ppo import (adaptive_kl_update, approx_kl, explained_variance, gae, main,
+from minitrain.trainer.train_ppo import (adaptive_kl_update, approx_kl, explained_variance, gae, main, masked_moments,
                                          per_token_rewards, value_loss, whiten)
 
 
@@ -87,6 +87,16 @@ def test_whitening_is_masked_and_padding_does_not_move_the_statistics():
     assert kept[mask.bool()].mean().item() == pytest.approx(3.0, abs=1e-6)
 
 
+def test_whitening_does_not_move_when_every_value_shifts():
+    x = torch.tensor([[0.5, -0.25, 1.0, 0.0], [0.125, 0.75, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1.0, 1, 1, 0]])
+    shifted = whiten(x + 1000.0, mask)                    # one float32 pass of E[x^2] - mean^2 lost the variance
+    assert torch.allclose(shifted, whiten(x, mask), atol=1e-4)
+    mean, variance = masked_moments(x + 1e4, mask)
+    real = x[mask.bool()].double()
+    assert (mean, variance) == pytest.approx((1e4 + real.mean().item(), real.var().item()), rel=1e-9)
+
+
 def test_explained_variance_and_approx_kl():
     returns = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
@@ -99,6 +109,21 @@ def test_explained_variance_and_approx_kl():
     ratio = torch.exp(logp - old)
     assert torch.allclose(approx_kl(logp, old), ratio - 1 - (logp - old))
     assert approx_kl(logp, old)[0] == 0 and torch.all(approx_kl(logp, old) >= 0)
+
+
+def test_a_huge_log_ratio_at_a_padding_column_leaves_ppo_losses_finite():
+    logp = torch.tensor([[-1.0, -0.5, -300.0]], requires_grad=True)     # column 2: padding, 299 nats from old
+    old = torch.tensor([[-1.2, -0.4, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    A = torch.tensor([[0.5, -1.0, 0.0]])
+    pg = clipped_surrogate(logp, old, A, 0.2, 0.2, mask)[0]
+    kl = approx_kl(logp, old, mask)
+    loss = ((pg + kl) * mask).sum() / mask.sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+    r = torch.exp(torch.tensor([0.2, -0.1]))
+    by_hand = (-torch.min(r * A[0, :2], r.clamp(0.8, 1.2) * A[0, :2]) + (r - 1 - r.log())).mean()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
 
 
 def test_adaptive_kl_controller_update():
@@ -223,6 +248,7 @@ def test_shared_critic_under_lora(trained_checkpoints, tmp_path):
     (["--num_mini_batches", "3"], "--num_mini_batches (3) must divide batch_size * accumulation_steps (4)"),
     (["--reward_funcs="], "--reward_funcs is empty and no --reward_model is given"),
     (["--shared_critic", "--critic_from", "x"], "--critic_from cannot be combined with --shared_critic"),
+    (["--vf_coef", "0.5"], "--vf_coef weighs the value loss with --shared_critic only"),   # AdamW: scale-invariant
     (["--lam", "1.5"], "--lam must be in [0, 1]"),
     (["--target_kl", "0"], "--target_kl must be positive"),
     (["--reward_model", "SFT"], "not a sequence classifier"),

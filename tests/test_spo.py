@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import run_script
 from minitrain.dataset.embedded import ensure_embedded_data
 from minitrain.trainer.train_spo import (BetaTracker, choose_prompts, forgetting_factor, normalise_advantages,
-                                         policy_change, sampling_weights)
+                                         policy_change, policy_loss, sampling_weights)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,12 +30,12 @@ def test_forgetting_factor_and_policy_change():
 def test_tracker_initialisation_update_and_estimate():
     tracker = BetaTracker(3, rho_min=0.8, rho_max=0.95, d_half=0.06)
     assert tracker.effective_count == pytest.approx(5.0)                       # N = 1 / (1 - rho_min)
-    tracker.initialise(0, [1.0, 0.0, 1.0, 1.0])                               # p0 = 0.75
-    assert (tracker.alpha[0].item(), tracker.beta[0].item()) == pytest.approx((3.75, 1.25))
-    assert tracker.p_hat([0]).item() == pytest.approx(0.75)
+    tracker.initialise(0, [1.0, 0.0, 1.0, 1.0])                   # s = 3 of n = 4: N (s + 1/2) / (n + 1), ...
+    assert (tracker.alpha[0].item(), tracker.beta[0].item()) == pytest.approx((3.5, 1.5))
+    assert tracker.p_hat([0]).item() == pytest.approx(0.7)
     tracker.update(0, r=0.0, rho=0.9)                                          # alpha <- rho alpha + r, ...
-    assert (tracker.alpha[0].item(), tracker.beta[0].item()) == pytest.approx((0.9 * 3.75, 0.9 * 1.25 + 1))
-    assert tracker.p_hat([0]).item() == pytest.approx(3.375 / (3.375 + 2.125))
+    assert (tracker.alpha[0].item(), tracker.beta[0].item()) == pytest.approx((0.9 * 3.5, 0.9 * 1.5 + 1))
+    assert tracker.p_hat([0]).item() == pytest.approx(3.15 / (3.15 + 2.35))
     assert tracker.p_hat([1]).item() == 0.5                                    # untouched: Beta(1, 1)
     assert tracker.rho(None) == 0.95 and tracker.rho(0.06) == pytest.approx(0.8)   # 0.5 clipped up to rho_min
     assert BetaTracker(1, 0.8, 0.95, 0.06, constant_rho=0.9).rho(10.0) == 0.9
@@ -44,6 +44,57 @@ def test_tracker_initialisation_update_and_estimate():
     restored.load_state_tensors(tracker.state_tensors())
     assert torch.equal(restored.alpha, tracker.alpha) and torch.equal(restored.beta, tracker.beta)
     assert restored.last == tracker.last
+
+
+def test_tracker_initialisation_is_smoothed_as_in_the_authors_code():
+    # N = 1 / (1 - 0.875) = 8; 0 of 2: alpha = 8 * 0.5 / 3, beta = 8 * 2.5 / 3, p_hat = 1/6 (not 0); 2 of 2: 5/6
+    tracker = BetaTracker(2, rho_min=0.875, rho_max=0.96, d_half=0.06)
+    tracker.initialise(0, [0.0, 0.0])
+    tracker.initialise(1, [1.0, 1.0])
+    assert tracker.alpha.tolist() == pytest.approx([4 / 3, 20 / 3])
+    assert tracker.beta.tolist() == pytest.approx([20 / 3, 4 / 3])
+    assert tracker.p_hat([0, 1]).tolist() == pytest.approx([1 / 6, 5 / 6])
+    weights = sampling_weights(tracker.p_hat([0, 1]), 0.05)                    # sqrt(5/36) + 0.05, not the floor
+    assert weights.tolist() == pytest.approx([0.4227, 0.4227], abs=1e-4)
+
+
+def test_advantage_normalisation_does_not_move_when_every_advantage_shifts():
+    raw = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0]) - torch.tensor([0.25, 0.5, 0.75, 0.5, 0.125])
+    A = normalise_advantages(raw)
+    shifted = normalise_advantages(raw + 1000.0)                   # one-pass E[x^2] - mean^2 in float32 gave 0 std
+    assert torch.allclose(shifted, A, atol=1e-4)
+    assert A.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_global_token_normalisation_over_ranks_and_micro_steps_equals_one_rank_on_the_whole_batch():
+    # 8 completions of ragged lengths 1..5 split over W = 2 ranks x A = 2 micro-steps of 2 rows each
+    per_token = torch.arange(1.0, 41.0).view(8, 5) / 10
+    lengths = [1, 5, 2, 4, 3, 3, 5, 1]
+    mask = torch.tensor([[1.0] * n + [0.0] * (5 - n) for n in lengths])
+    tokens = mask.sum().item()                                                  # 24, all ranks
+    W, A = 2, 2
+
+    def split(normalization):
+        x = per_token.clone().requires_grad_(True)
+        ranks = []
+        for r in range(W):
+            loss = sum(policy_loss(x[rows], mask[rows], normalization, tokens, A, W)
+                       for rows in (slice(4 * r + 2 * m, 4 * r + 2 * m + 2) for m in range(A)))
+            ranks.append(loss)
+        (sum(ranks) / W).backward()                                 # DDP: the mean of the ranks' gradients
+        return (sum(ranks) / W).item(), x.grad
+
+    loss, grad = split("global")
+    assert loss == pytest.approx(((per_token * mask).sum() / tokens).item())   # one token mean over the batch
+    assert torch.allclose(grad, mask / tokens)                                  # every token weighs 1 / 24
+    x = per_token.clone().requires_grad_(True)
+    policy_loss(x, mask, "global", tokens, 1, 1).backward()                      # one rank, one micro-batch
+    assert torch.allclose(grad, x.grad)
+    # micro_batch: the mean of the 4 micro-batches' token means, where a token of a short micro-batch weighs more
+    loss, grad = split("micro_batch")
+    means = [((per_token * mask)[i:i + 2].sum() / mask[i:i + 2].sum()).item() for i in range(0, 8, 2)]
+    assert loss == pytest.approx(sum(means) / 4)
+    assert grad[0, 0].item() == pytest.approx(1 / 4 / 6) and grad[2, 0].item() == pytest.approx(1 / 4 / 6)
 
 
 def test_advantages_are_normalised_over_the_batch():
@@ -55,8 +106,8 @@ def test_advantages_are_normalised_over_the_batch():
 
 def test_prioritised_sampling_weights_and_draws():
     tracker = BetaTracker(4, 0.8, 0.95, 0.06)
-    for i, p in enumerate([0.0, 0.5, 1.0, 0.25]):
-        tracker.initialise(i, [p])
+    p = torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=torch.float64)
+    tracker.alpha, tracker.beta = 5 * p, 5 * (1 - p)                         # p_hat = p
     weights = sampling_weights(tracker.p_hat([0, 1, 2, 3]), 0.05)
     assert torch.allclose(weights.double(), torch.tensor([0.05, 0.55, 0.05, (0.25 * 0.75) ** 0.5 + 0.05],
                                                          dtype=torch.float64))

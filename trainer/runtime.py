@@ -1240,18 +1240,23 @@ def rollout(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, tem
                    torch.tensor(out.finished, device=device), P)
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi: exp(ref - logp) - (ref - logp) - 1 >= 0.
 
     Unbiased, low variance ("k3", Schulman 2020, http://joschu.net/blog/kl-approx.html); GRPO's KL term
-    (Shao et al. 2024, arXiv 2402.03300).
+    (Shao et al. 2024, arXiv 2402.03300). Where mask is 0 the gap is set to 0 BEFORE the exp (the term is then 0
+    there, and so is its gradient): a gap above ~88 nats at a prompt or padding column would otherwise give
+    exp = inf, and inf * 0 = NaN in the masked loss and its gradient.
     """
     delta = ref_logp - logp
+    if mask is not None:
+        delta = torch.where(mask.bool(), delta, 0.0)
     return torch.exp(delta) - delta - 1
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
-                      epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      epsilon_high: float, mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped objective per token, as a loss (Schulman et al. 2017, arXiv 1707.06347), with DAPO's separate
     upper bound (Yu et al. 2025, arXiv 2503.14476):
 
@@ -1260,13 +1265,25 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
 
     Returns (loss [B, T], low_clipped [B, T], high_clipped [B, T]): where the clip bound is active, i.e. the ratio
     fell below 1 - epsilon_low with A < 0, or rose above 1 + epsilon_high with A > 0 (TRL's clip_ratio metrics).
+    Where mask is 0 the log-ratio is set to 0 before the exp (ratio 1, no clip, no gradient), as in k3_kl.
     """
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp if mask is None else torch.where(mask.bool(), logp - old_logp, 0.0)   # [B, T]
+    ratio = torch.exp(log_ratio)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
     low = (ratio < 1 - epsilon_low) & (advantages < 0)
     high = (ratio > 1 + epsilon_high) & (advantages > 0)
     return loss, low, high
+
+
+def step_token_count(masks: list[torch.Tensor], device: torch.device) -> float:
+    """The target tokens of one whole optimizer step: the masks of every micro-batch of this rank, summed over all
+    ranks (one all-reduce). A micro-batch's summed loss divided by it, times the number of ranks (DDP averages the
+    ranks' gradients), gives the token mean over the global batch: DAPO's token-level loss and TRL's GKD."""
+    total = torch.tensor([sum(float(m.sum()) for m in masks)], device=device, dtype=torch.float64)
+    if is_distributed():
+        tdist.all_reduce(total)
+    return total.item()
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,10 @@ mini preset through pretraining and SFT (the pipeline's first stages, ~13 minute
     python trainer/train_distill.py --teacher out/pipeline/sft/final --data_phase pretrain --distill_loss reverse_kl \\
         --distill_temperature 2 --out_dir out/distill-text
 
-    # on-policy (GKD): half the batches are the student's own answers, scored token by token by the teacher
+    # on-policy (GKD): half the batches are the student's own answers, scored token by token by the teacher; the
+    # divergence alone (--alpha 0), as GKD and TRL's GKDTrainer (which has no T^2: keep --distill_temperature 1)
     python trainer/train_distill.py --teacher out/pipeline/sft/final --init_from out/pretrain/final --lmbda 0.5 \\
-        --distill_loss jsd --jsd_beta 0.5 --out_dir out/distill-gkd
+        --distill_loss jsd --jsd_beta 0.5 --alpha 0 --out_dir out/distill-gkd
 
     # reasoning distillation: the teacher answers the rlaif prompts 4 times each, the checker keeps the right
     # answers (written to OUT_DIR/generations.jsonl + generations_manifest.json), the student learns them (SFT loss)
@@ -45,8 +46,9 @@ Defaults come from config/train/distill.yaml (--config my.yaml and flags overrid
   data       --data_phase sft (default): chat conversations (config/data/sft/, --data_config, --data_path), targets
              are the assistant tokens (dataset/chat.py). --data_phase pretrain: packed text, every token a target.
              --from_teacher_generations: see "reasoning distillation" below.
-  objective  per micro-batch, over its target tokens (Hinton et al. 2015, "Distilling the Knowledge in a Neural
-             Network", arXiv 1503.02531):
+  objective  over the target tokens of the whole step, all micro-batches and ranks (--token_normalization
+             global, as TRL's GKD; micro_batch: each micro-batch's token means, averaged) (Hinton et al. 2015,
+             "Distilling the Knowledge in a Neural Network", arXiv 1503.02531):
 
                  loss = alpha * CE + (1 - alpha) * T^2 * D_T(teacher, student)
 
@@ -58,9 +60,10 @@ Defaults come from config/train/distill.yaml (--config my.yaml and flags overrid
              The generalised JSD's endpoints follow TRL's GKD and Liger-Kernel: beta = 0 is taken as forward KL and
              beta = 1 as reverse KL (the formula itself tends to 0 there, as beta * KL(P || Q) near 0 and as
              (1 - beta) * KL(Q || P) near 1). The T^2 factor keeps the soft targets' gradient on the scale of the
-             CE's as T changes (Hinton et al. section 2). alpha = 1 is plain fine-tuning, alpha = 0 pure
-             distillation. Both heads go through kernels.fused_linear_kl on the final hidden states (the models run
-             with compute_logits=False): neither [N, V] logits tensor is ever held whole.
+             CE's as T changes (Hinton et al. section 2); TRL's GKD has no such factor, so at T = 2 D weighs 4x
+             what it weighs there. alpha = 1 is plain fine-tuning, alpha = 0 pure distillation. Both heads go
+             through kernels.fused_linear_kl on the final hidden states (the models run with compute_logits=False):
+             neither [N, V] logits tensor is ever held whole.
   on-policy  --lmbda: the fraction of micro-batches whose sequences the student samples itself (generalised knowledge
              distillation, Agarwal et al. 2023, arXiv 2306.13649). Micro-batch k (counted over the whole run) is
              on-policy when floor((k + 1) lmbda) > floor(k lmbda), so the fraction is exact and a resumed run makes
@@ -112,11 +115,12 @@ from minitrain.trainer.runtime import (CONFIG_DIR, DEFAULT_TOKENIZER_DIR, USER_E
                                        load_packed_data, load_resume_state, make_grad_scaler, mean_over_ranks,
                                        on_main_rank, optimizer_step, parse_config, prepare_phase_data, print0,
                                        print_samples, resolve_dtype, restore_training_state, rollout,
-                                       save_training_checkpoint, seed_everything, setup_distributed, sync_gradients,
-                                       unwrap, wrap_model)
+                                       save_training_checkpoint, seed_everything, setup_distributed, step_token_count,
+                                       sync_gradients, unwrap, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/distill.yaml"
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+TOKEN_NORMALIZATIONS = ("global", "micro_batch")
 GENERATIONS_FILE = "generations.jsonl"
 GENERATIONS_MANIFEST = "generations_manifest.json"
 
@@ -136,9 +140,17 @@ class DistillConfig(TrainConfig):
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalised JSD, in [0, 1] (0 = forward KL, "
                                                            "1 = reverse KL)"})
     distill_temperature: float = field(default=1.0, metadata={"help": "T: both heads' logits are divided by it "
-                                                                      "inside D; D is weighted by T^2"})
+                                                                      "inside D; D is weighted by T^2 (Hinton), "
+                                                                      "so at T = 2 it is 4x TRL's GKD term, which "
+                                                                      "has no T^2"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the cross-entropy on the data's tokens; the "
-                                                        "divergence gets 1 - alpha (1 = plain fine-tuning)"})
+                                                        "divergence gets 1 - alpha (1 = plain fine-tuning, 0 = the "
+                                                        "divergence alone, as TRL's GKD)"})
+    token_normalization: str = field(default="global", metadata={
+        "help": "global: CE and divergence are each summed over their tokens and divided by their token count over "
+                "the whole step, all micro-batches and ranks (every token weighs the same, as TRL's GKD); "
+                "micro_batch: each micro-batch's token means, averaged over micro-batches and ranks",
+        "choices": list(TOKEN_NORMALIZATIONS)})
     # ---- data (and --data_config / --data_path, shared) ----
     data_phase: str = field(default="sft", metadata={
         "help": "sft: chat data, targets = assistant tokens; pretrain: packed text, every token a target",
@@ -210,6 +222,21 @@ def divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor, teach
     mask [N]. Chunked through kernels.fused_linear_kl: no [N, V] tensor; gradients reach the student only."""
     return fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
                            temperature=temperature, beta=distill_beta(distill_loss, jsd_beta))
+
+
+def token_weights(ce_tokens: float, div_tokens: float, normalization: str, ce_total: float, div_total: float,
+                  accumulation_steps: int, world_size: int) -> tuple[float, float]:
+    """(w_ce, w_div): what a micro-batch's CE and divergence token means are multiplied by before the backward, so
+    that the gradient summed over the A micro-steps and averaged over the W ranks (DDP) is that of
+
+        global       each term's token mean over the whole step: mean * its tokens * W / its tokens in all ranks
+        micro_batch  the mean over micro-batches and ranks of each micro-batch's token means: 1 / A
+    (a token mean times its count is the micro-batch's sum, so the kernels' means serve both)."""
+    if normalization == "global":
+        return ce_tokens * world_size / max(ce_total, 1.0), div_tokens * world_size / max(div_total, 1.0)
+    if normalization == "micro_batch":
+        return 1.0 / accumulation_steps, 1.0 / accumulation_steps
+    raise ValueError(f"unknown token normalization {normalization!r}")
 
 
 def objective(ce: torch.Tensor, div: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
@@ -452,10 +479,13 @@ def teacher_states(teacher, inputs: dict) -> torch.Tensor:
     return predicting(teacher(**inputs, compute_logits=False).hidden_states)
 
 
-def cross_entropy(out, model) -> torch.Tensor:
-    """The language-model loss of a forward pass with labels, without an MoE student's load-balancing term."""
-    loss = out.loss.detach()
-    return loss if out.aux_loss is None else loss - model.config.router_aux_loss_coef * out.aux_loss.detach()
+def ce_and_aux(out, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE, weighted MoE load-balancing term) of a forward pass with labels, whose loss is their sum (with
+    gradient: the CE is normalised by tokens, the balancing term per micro-batch)."""
+    if out.aux_loss is None:
+        return out.loss, torch.zeros_like(out.loss)
+    aux = model.config.router_aux_loss_coef * out.aux_loss
+    return out.loss - aux, aux
 
 
 # =============================================================================================================
@@ -556,52 +586,66 @@ def train(cfg: DistillConfig) -> None:
         sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "on_policy": 0.0, "agree": 0, "targets": 0,
                 "completion_tokens": 0, "completions": 0}
         step_tokens = 0
+        # the step's micro-batches and their on-policy completions first: the token counts of the whole step (all
+        # ranks) normalise every micro-batch's loss (--token_normalization global)
+        micros = []
         for micro, indices in enumerate(sampler.next_step()):
             batch = load_batch(train_set, indices, dist.device, collate)  # input_ids, labels, ...: [B, T]
+            ce_mask = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1)                     # [N]
+            roll = None
+            if is_on_policy(step * accum + micro, cfg.lmbda):
+                with amp:
+                    roll = rollout(train_model, [prompt_ids[i] for i in indices], cfg.max_new_tokens,
+                                   cfg.temperature, tokenizer.eos_id, tokenizer.pad_id)
+            div_mask = ce_mask if roll is None else roll.completion_mask.reshape(-1) > 0        # [N']
+            micros.append((indices, batch, roll, ce_mask, div_mask))
+        ce_total = step_token_count([m[3] for m in micros], dist.device)
+        div_total = step_token_count([m[4] for m in micros], dist.device)
+        for micro, (indices, batch, roll, ce_mask, mask) in enumerate(micros):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             last_micro = micro == accum - 1
-            if not is_on_policy(step * accum + micro, cfg.lmbda):
+            w_ce, w_div = token_weights(float(ce_mask.sum()), float(mask.sum()), cfg.token_normalization, ce_total,
+                                        div_total, accum, dist.world_size)
+            if roll is None:
                 # off-policy: one student forward gives the CE and the hidden states the divergence reads
                 with sync_gradients(train_model, last_micro_step=last_micro):
                     with amp:
                         out = train_model(**batch)
                         student_hidden, teacher_hidden = predicting(out.hidden_states), teacher_states(teacher, inputs)
-                        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1)             # [N]
                         div = kl(student_hidden, student_head, teacher_hidden, teacher_head, mask)
-                    loss = objective(out.loss, div, cfg.alpha, T)                 # out.loss: CE (+ MoE balancing)
-                    scaler.scale(loss / accum).backward()
+                    ce, aux = ce_and_aux(out, model)
+                    loss = objective(w_ce * ce, w_div * div, cfg.alpha, T) + aux / accum
+                    scaler.scale(loss).backward()
             else:
-                # on-policy: the student completes the prompts, the divergence is taken over its completion
-                # tokens; the CE stays on the data's answers, in a forward and backward pass of its own
+                # on-policy: the divergence is taken over the student's completion tokens; the CE stays on the
+                # data's answers, in a forward and backward pass of its own
                 sums["on_policy"] += 1
-                with amp:
-                    roll = rollout(train_model, [prompt_ids[i] for i in indices], cfg.max_new_tokens,
-                                   cfg.temperature, tokenizer.eos_id, tokenizer.pad_id)
                 with sync_gradients(train_model, last_micro_step=False), \
                         (nullcontext() if cfg.alpha > 0 else torch.no_grad()):
                     with amp:
                         out = train_model(**batch)
+                    ce, aux = ce_and_aux(out, model)
                     if cfg.alpha > 0:
-                        scaler.scale(cfg.alpha * out.loss / accum).backward()
+                        scaler.scale(cfg.alpha * w_ce * ce + aux / accum).backward()
                 sampled_inputs = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask}
                 with sync_gradients(train_model, last_micro_step=last_micro):
                     with amp:
                         sampled = train_model(**sampled_inputs, compute_logits=False)
                         student_hidden = predicting(sampled.hidden_states)
                         teacher_hidden = teacher_states(teacher, sampled_inputs)
-                        mask = roll.completion_mask.reshape(-1) > 0                             # [N]
                         div = kl(student_hidden, student_head, teacher_hidden, teacher_head, mask)
-                    loss = objective(torch.zeros_like(div), div, cfg.alpha, T)
+                    loss = objective(torch.zeros_like(div), w_div * div, cfg.alpha, T)
                     if sampled.aux_loss is not None:       # an MoE student keeps balancing its experts
-                        loss = loss + model.config.router_aux_loss_coef * sampled.aux_loss
-                    scaler.scale(loss / accum).backward()
-                loss = loss.detach() + cfg.alpha * out.loss.detach()
+                        loss = loss + model.config.router_aux_loss_coef * sampled.aux_loss / accum
+                    scaler.scale(loss).backward()
+                loss = loss.detach() + cfg.alpha * w_ce * ce.detach() + aux.detach() / accum
                 sums["completion_tokens"] += int(mask.sum())
                 sums["completions"] += len(indices)
                 step_tokens += int(roll.attention_mask.sum())
+            # summed over the micro-steps and averaged over the ranks: the step's loss, CE and divergence
             sums["loss"] += float(loss.detach())
-            sums["ce"] += float(cross_entropy(out, model))
-            sums["distill"] += float(div.detach())
+            sums["ce"] += w_ce * float(ce.detach())
+            sums["distill"] += w_div * float(div.detach())
             if log_step:
                 agree, targets = token_agreement(student_hidden, student_head, teacher_hidden, teacher_head, mask)
                 sums["agree"] += agree
@@ -614,8 +658,7 @@ def train(cfg: DistillConfig) -> None:
         # tokens/s counts this rank's real (unpadded) tokens times the number of ranks: an estimate, without a sync
         logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
         if log_step:
-            metrics = {"loss": sums["loss"] / accum, "loss/ce": sums["ce"] / accum,
-                       "loss/distill": sums["distill"] / accum,
+            metrics = {"loss": sums["loss"], "loss/ce": sums["ce"], "loss/distill": sums["distill"],
                        "distill/agreement": sums["agree"] / max(sums["targets"], 1),
                        "distill/on_policy": sums["on_policy"] / accum}
             if cfg.lmbda > 0:

@@ -82,7 +82,7 @@ from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, Globa
                                        setup_distributed, sync_gradients, truncate_metrics, unwrap, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/dpo.yaml"
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft", "rpo")
 BETA_MODES = ("fixed", "beta_dpo", "risk")
 
 
@@ -93,7 +93,9 @@ class DPOConfig(TrainConfig):
     # ---- objective ----
     loss_type: str = field(default="sigmoid", metadata={
         "help": "comma-separated losses, summed with --loss_weights: sigmoid (DPO; cDPO with --label_smoothing), "
-                "ipo, hinge (SLiC), sft (NLL of the chosen answer)"})
+                "ipo (on LENGTH-AVERAGED log-ratios, as TRL; the paper's IPO sums them over the answer's tokens), "
+                "hinge (SLiC), sft (NLL of the chosen answers, one token mean over the micro-batch, as TRL's), "
+                "rpo (NLL of each chosen answer as its own token mean, then the mean over pairs, as RPO)"})
     loss_weights: str = field(default="", metadata={"help": "comma-separated weights of --loss_type; empty = 1 each"})
     beta: float = field(default=0.1, metadata={"help": "beta0: strength of the pull towards the reference (the "
                                                        "implicit rewards are beta * log-ratio)"})
@@ -111,7 +113,8 @@ class DPOConfig(TrainConfig):
     beta_min: float = field(default=1e-3, metadata={"help": "dynamic beta is never below this"})
     beta_max: float = field(default=1.0, metadata={"help": "dynamic beta is never above this"})
     beta_momentum: float = field(default=0.9, metadata={"help": "m of the running gap mean and std: M_0 <- m M_0 + "
-                                                                "(1 - m) M_batch"})
+                                                                "(1 - m) M_batch, from 0 and before beta (as "
+                                                                "β-DPO's code)"})
     beta_dpo_alpha: float = field(default=0.5, metadata={"help": "β-DPO's alpha: beta = beta0 (1 + alpha (M_batch - "
                                                                  "M_0))"})
     beta_filter_keep: float = field(default=1.0, metadata={
@@ -214,7 +217,15 @@ def hinge_loss(pc, pr, rc, rr, beta) -> torch.Tensor:
 
 
 def sft_loss(pc: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
-    """NLL of the chosen answer, per-token mean: -pc / n_tokens (RPO's and TRL's "sft" term)."""
+    """TRL's "sft" term: the NLL of the chosen answers as ONE token mean over the micro-batch, -sum(pc) / sum(n).
+    Returned per pair ([B]) as -pc_i * B / sum(n), whose mean over the B pairs is that token mean (every chosen
+    token weighs the same, whatever its answer's length)."""
+    return -pc * pc.numel() / chosen_tokens.sum().clamp(min=1)
+
+
+def rpo_loss(pc: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term (Pang et al. 2024, arXiv 2404.19733): each chosen answer's own token mean, -pc_i / n_i ([B]);
+    the mean over pairs then weighs every answer the same (a token of a short answer weighs more)."""
     return -pc / chosen_tokens.clamp(min=1)
 
 
@@ -233,8 +244,10 @@ def pair_losses(names: list[str], weights: list[float], logps: dict[str, torch.T
             parts[name] = ipo_loss(pc / nc, pr / nr, rc / nc, rr / nr, beta)
         elif name == "hinge":
             parts[name] = hinge_loss(pc, pr, rc, rr, beta)
-        else:
+        elif name == "sft":
             parts[name] = sft_loss(pc, nc)
+        else:
+            parts[name] = rpo_loss(pc, nc)
     total = sum(w * parts[n] for n, w in zip(names, weights))
     return total, parts
 
@@ -293,13 +306,14 @@ class BetaTracker:
     """beta of each batch (fixed, beta_dpo or risk) and the running statistics of past gaps.
 
     State: mean (M_0) and std (sigma), exponential moving averages of the batch gap mean and std (momentum m);
-    quantile (q), the running tau-quantile; count, batches seen. The first batch seeds them with its own mean, std
-    and exact tau-quantile (so its beta is beta0 (1 + alpha (M_kept - M_batch)), and q - M_batch is that of one
-    batch). Then, for each batch of gaps M_i (every rank's, so every rank computes the same):
+    quantile (q), the running tau-quantile; count, batches seen. As in β-DPO's released code (Wu et al.,
+    trainers.py), M_0 and sigma start at 0 and take each batch in BEFORE its beta and filter are computed, and std
+    is the unbiased (Bessel) one; q is seeded with the first batch's exact tau-quantile (so q - M_batch is that of
+    one batch). Then, for each batch of gaps M_i (every rank's, so every rank computes the same):
 
-        beta_dpo:  keep = filter_pairs(M, M_0, sigma)          (all pairs when --beta_filter_keep is 1)
+        beta_dpo:  M_0 <- m M_0 + (1 - m) mean(M),  sigma <- m sigma + (1 - m) std(M)     (this batch included)
+                   keep = filter_pairs(M, M_0, sigma)          (all pairs when --beta_filter_keep is 1)
                    beta = clip(beta0 (1 + alpha (mean(M_keep) - M_0)), beta_min, beta_max)
-                   M_0 <- m M_0 + (1 - m) mean(M),  sigma <- m sigma + (1 - m) std(M)     (after beta: M_0 is past)
         risk:      beta = clip(beta0 exp(kappa (q - mean(M))), beta_min, beta_max)
                    q <- q + lr (tau - mean(1[M_i < q]))
         fixed:     beta = beta0 (the trainer does not call step() then: nothing to track)
@@ -316,9 +330,12 @@ class BetaTracker:
     def step(self, gaps: torch.Tensor, generator: torch.Generator) -> tuple[float, torch.Tensor]:
         """(beta, keep mask [n]) of one batch of gaps [n]; updates the running statistics."""
         gaps = gaps.detach().double().cpu()
-        batch_mean, batch_std = gaps.mean().item(), gaps.std(unbiased=False).item()
+        batch_mean, batch_std = gaps.mean().item(), gaps.std().item() if gaps.numel() > 1 else 0.0
+        # β-DPO's code: the running statistics start at 0 and take this batch in before beta (m (M_batch - M_0) then
+        # drives beta, not M_batch - M_0)
+        self.mean = ema(self.mean, batch_mean, self.momentum)
+        self.std = ema(self.std, batch_std, self.momentum)
         if self.count == 0:
-            self.mean, self.std = batch_mean, batch_std
             self.quantile = torch.quantile(gaps, self.tau).item()
         keep = torch.ones(gaps.numel(), dtype=torch.bool)
         beta = self.beta0
@@ -329,8 +346,6 @@ class BetaTracker:
                                  self.beta_max)
         elif self.mode == "risk":
             beta = risk_beta(self.beta0, self.kappa, self.quantile, batch_mean, self.beta_min, self.beta_max)
-        self.mean = ema(self.mean, batch_mean, self.momentum)
-        self.std = ema(self.std, batch_std, self.momentum)
         self.quantile = quantile_update(self.quantile, gaps, self.tau, self.lr)
         self.count += 1
         return beta, keep

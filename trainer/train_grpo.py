@@ -55,7 +55,8 @@ from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, Globa
                                        mean_over_ranks, optimizer_step, pack_sequences, parse_config,
                                        prepare_phase_data, print0, reference_logprobs, resolve_dtype,
                                        restore_training_state, reward_model_scores, rollout, save_training_checkpoint,
-                                       seed_everything, setup_distributed, sync_gradients, wrap_model)
+                                       seed_everything, setup_distributed, step_token_count, sync_gradients,
+                                       wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/grpo.yaml"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -155,6 +156,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, batch_s
     elif scale == "batch":
         centred = centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     return centred.reshape(-1)
+
+
+def batch_reward_std(rewards: torch.Tensor) -> float:
+    """The std (Bessel's correction) of every rank's rewards, in two passes in float64: the mean (one all-reduce),
+    then the squared deviations from it (another). One pass of E[r^2] - mean^2 cancels catastrophically for rewards
+    far from zero (0 at an offset of 1000 in float32), and advantages must not move when every reward shifts."""
+    r = rewards.double()                                                          # [n] this rank's rewards
+    stats = torch.stack([r.sum(), torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)])
+    if is_distributed():
+        torch.distributed.all_reduce(stats)
+    mean, n = stats[0] / stats[1], stats[1].item()
+    squares = ((r - mean) ** 2).sum()
+    if is_distributed():
+        torch.distributed.all_reduce(squares)
+    return math.sqrt(squares.item() / max(1.0, n - 1))
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int,
@@ -330,15 +346,7 @@ def train(cfg: GRPOConfig) -> None:
 
         # ---- 2. advantages ----
         rewards = torch.tensor([r for g in batch for r in g.rewards], device=dist.device)           # [target * G]
-        batch_std = None
-        if cfg.scale_rewards == "batch":      # the std of all ranks' rewards: sum, sum of squares, count
-            stats = torch.stack([rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(len(rewards)),
-                                                                                  device=dist.device)])
-            if is_distributed():
-                torch.distributed.all_reduce(stats)
-            mean = stats[0] / stats[2]
-            batch_std = math.sqrt(max(0.0, (stats[1] / stats[2] - mean ** 2).item()) * stats[2].item()
-                                  / max(1.0, stats[2].item() - 1))
+        batch_std = batch_reward_std(rewards) if cfg.scale_rewards == "batch" else None
         advantages = group_advantages(rewards, G, cfg.scale_rewards, batch_std)
 
         # ---- 3. micro-batches, with the old and reference log-probs (no gradient) ----
@@ -359,11 +367,7 @@ def train(cfg: GRPOConfig) -> None:
                 if cfg.beta > 0:
                     micro["ref"] = reference_logprobs(reference, train_model, ids, attention, temperature).float()
             micro_batches.append(micro)
-        tokens_in_step = sum(float(mb["mask"].sum()) for mb in micro_batches)
-        if cfg.loss_type == "dapo" and is_distributed():
-            total = torch.tensor([tokens_in_step], device=dist.device)
-            torch.distributed.all_reduce(total)
-            tokens_in_step = total.item()
+        tokens_in_step = step_token_count([mb["mask"] for mb in micro_batches], dist.device)     # all ranks (dapo)
 
         # ---- 4. num_iterations optimizer steps on the batch ----
         sums = {"kl": 0.0, "entropy": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "loss": 0.0}
@@ -376,9 +380,10 @@ def train(cfg: GRPOConfig) -> None:
                                                         with_entropy=True)
                     logp = logp.float()
                     old = mb["old"] if "old" in mb else logp.detach()
-                    per_token, low, high = clipped_surrogate(logp, old, mb["advantages"], cfg.epsilon, epsilon_high)
+                    per_token, low, high = clipped_surrogate(logp, old, mb["advantages"], cfg.epsilon, epsilon_high,
+                                                             mb["mask"])
                     if cfg.beta > 0:
-                        kl = k3_kl(logp, mb["ref"])
+                        kl = k3_kl(logp, mb["ref"], mb["mask"])
                         per_token = per_token + cfg.beta * kl
                         sums["kl"] += float((kl.detach() * mb["mask"]).sum())
                     loss = aggregate_loss(per_token, mb["mask"], cfg.loss_type, cfg.max_new_tokens, tokens_in_step)

@@ -39,7 +39,8 @@ Defaults come from config/train/ppo.yaml. One step:
   update    --ppo_epochs passes over the batch, each in --num_mini_batches shuffled minibatches, one optimizer step
             per minibatch (micro-batches of at most --batch_size rows accumulate into it):
                 policy  -min(ratio A, clip(ratio, 1 - cliprange, 1 + cliprange) A) - entropy_coef * H(pi)
-                critic  vf_coef * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) / 2,  c = --cliprange_value
+                critic  max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) / 2,  c = --cliprange_value
+                        (times --vf_coef with --shared_critic, where both losses share one trunk and optimizer)
             each a token mean over the minibatch. After each epoch the approximate KL between the policy and the
             rollout policy, mean over the tokens of the epoch and over ranks, of (ratio - 1) - log ratio (Schulman's
             k3 estimator of KL(pi_old || pi): >= 0, unbiased, low variance), stops the remaining epochs when above
@@ -122,7 +123,11 @@ class PPOConfig(TrainConfig):
                                                                "batch_size * accumulation_steps"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip: [1 - cliprange, 1 + cliprange]"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
-    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    vf_coef: float | None = field(default=None, metadata={
+        "help": "weight of the value loss beside the policy's, --shared_critic only (one trunk, one optimizer); "
+                "None = 0.1. A separate critic refuses it: its own AdamW is invariant to the loss's scale, so a "
+                "weight would only move its clip (TRL steps policy and critic with one optimizer and one clip, "
+                "where vf_coef acts in both): tune --critic_learning_rate and --critic_grad_clip instead"})
     entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus"})
     target_approx_kl: float = field(default=0.0, metadata={"help": "stop the remaining PPO epochs of a step once the "
                                                                    "approximate KL to the rollout policy exceeds "
@@ -136,6 +141,8 @@ class PPOConfig(TrainConfig):
                                                                                "critic; None = --learning_rate (not "
                                                                                "used with --shared_critic)"})
     critic_warmup_steps: int = field(default=0, metadata={"help": "first steps in which only the critic learns"})
+    critic_grad_clip: float = field(default=10.0, metadata={"help": "gradient-norm clip of the separate critic, on "
+                                                                    "its unweighted value loss; 0 = none"})
 
     def validate(self) -> None:
         super().validate()
@@ -157,9 +164,10 @@ class PPOConfig(TrainConfig):
         for name in ("cliprange", "cliprange_value"):
             if not getattr(self, name) > 0:
                 raise FlagError(name, f"must be positive, got {getattr(self, name)}")
-        for name in ("kl_coef", "vf_coef", "entropy_coef", "target_approx_kl", "missing_eos_penalty"):
+        for name in ("kl_coef", "vf_coef", "entropy_coef", "target_approx_kl", "missing_eos_penalty",
+                     "critic_grad_clip"):
             value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
+            if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise FlagError(name, f"must be a finite number >= 0, got {value}")
         if not math.isfinite(self.reward_model_weight):
             raise FlagError("reward_model_weight", f"must be a finite number, got {self.reward_model_weight}")
@@ -172,6 +180,10 @@ class PPOConfig(TrainConfig):
         if rows % self.num_mini_batches:
             raise FlagError("num_mini_batches", f"({self.num_mini_batches}) must divide batch_size * "
                                                 f"accumulation_steps ({rows}), the completions of a rank per step")
+        if self.vf_coef is not None and not self.shared_critic:
+            raise FlagError("vf_coef", "weighs the value loss with --shared_critic only: a separate critic has its own "
+                                       "AdamW, which is invariant to the loss's scale (tune --critic_learning_rate "
+                                       "and --critic_grad_clip)")
         if self.shared_critic and self.critic_from:
             raise FlagError("critic_from", "cannot be combined with --shared_critic (the shared critic is the "
                                            "policy's own trunk)")
@@ -224,15 +236,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def masked_moments(x: torch.Tensor, mask: torch.Tensor, across_ranks: bool = True) -> tuple[float, float]:
-    """(mean, unbiased variance) of x where mask is 1, over every rank's tokens (one all-reduce, float64)."""
-    mask = mask.to(x.dtype)
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    """(mean, unbiased variance) of x where mask is 1, over every rank's tokens, in two passes in float64: the mean
+    (one all-reduce of sum and count), then the squared deviations from it (another). One pass of E[x^2] - mean^2
+    cancels catastrophically for values far from zero."""
+    keep = mask.bool()
+    x = torch.where(keep, x.double(), 0.0)                                     # [B, T]; padding never enters
+    stats = torch.stack([x.sum(), keep.sum().double()])
     if across_ranks and is_distributed():
         torch.distributed.all_reduce(stats)
-    total, squares, n = stats.tolist()
+    total, n = stats.tolist()
     mean = total / max(n, 1.0)
-    variance = max(squares / max(n, 1.0) - mean * mean, 0.0) * n / max(n - 1.0, 1.0)   # Bessel's correction
-    return mean, variance
+    squares = torch.where(keep, (x - mean) ** 2, 0.0).sum()
+    if across_ranks and is_distributed():
+        torch.distributed.all_reduce(squares)
+    return mean, squares.item() / max(n - 1.0, 1.0)                                 # Bessel's correction
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
@@ -260,11 +277,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * torch.max(unclipped_loss, clipped_loss), clipped_loss > unclipped_loss
 
 
-def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(pi_old || pi) from samples of pi_old: (ratio - 1) - log ratio, ratio = pi / pi_old.
     Non-negative, unbiased ("k3", Schulman 2020, http://joschu.net/blog/kl-approx.html); the early-stopping
-    statistic of --target_approx_kl and the policy/approxkl metric."""
-    log_ratio = logp - old_logp
+    statistic of --target_approx_kl and the policy/approxkl metric. Where mask is 0 the log-ratio is 0 before the
+    exp (no inf * 0 = NaN from a huge gap at a padding column)."""
+    log_ratio = logp - old_logp if mask is None else torch.where(mask.bool(), logp - old_logp, 0.0)
     return torch.exp(log_ratio) - 1 - log_ratio
 
 
@@ -400,6 +418,8 @@ def train(cfg: PPOConfig) -> None:
         critic_optimizer = build_optimizer(critic, cfg, dist.device)
         critic_scaler = make_grad_scaler(dist.device, dtype)
     critic_lr = cfg.critic_learning_rate or cfg.learning_rate
+    # the value loss's weight: beside the policy's in the shared trunk; alone (1) in a separate critic's optimizer
+    vf_coef = (0.1 if cfg.vf_coef is None else cfg.vf_coef) if cfg.shared_critic else 1.0
     kl_coef = cfg.kl_coef
     seed_everything(cfg.seed + dist.rank)          # each rank samples its own completions
     start_step, wandb_run_id = 0, None
@@ -551,10 +571,10 @@ def train(cfg: PPOConfig) -> None:
                                 if values is None:
                                     values = critic_values(train_critic, ids[rows], attention[rows])
                             pg, low, high = clipped_surrogate(logp, old_logp[rows], advantages[rows], cfg.cliprange,
-                                                              cfg.cliprange)
+                                                              cfg.cliprange, m)
                             policy_part = ((pg - cfg.entropy_coef * entropy) * m).sum() / mb_tokens
                             with torch.no_grad():
-                                kl_tokens = approx_kl(logp, old_logp[rows]) * m
+                                kl_tokens = approx_kl(logp, old_logp[rows], m) * m
                                 epoch_kl += torch.stack([kl_tokens.sum(), m.sum()]).double()
                                 sums["pg"] += float((pg * m).sum())
                                 sums["entropy"] += float((entropy * m).sum())
@@ -562,7 +582,7 @@ def train(cfg: PPOConfig) -> None:
                                 sums["clipfrac"] += float(((low | high).float() * m).sum())
                                 sums["tokens"] += float(m.sum())
                         vf, vclipped = value_loss(values.float(), old_values[rows], returns[rows], cfg.cliprange_value)
-                        value_part = cfg.vf_coef * (vf * m).sum() / mb_tokens
+                        value_part = vf_coef * (vf * m).sum() / mb_tokens
                         if critic is None:            # shared trunk: one loss, one backward
                             scaler.scale(policy_part + value_part).backward()
                         else:
@@ -577,7 +597,8 @@ def train(cfg: PPOConfig) -> None:
                 else:
                     if not warmup:
                         grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
-                    critic_grad_norm = optimizer_step(critic_optimizer, critic_scaler, lr_critic, cfg.grad_clip)
+                    critic_grad_norm = optimizer_step(critic_optimizer, critic_scaler, lr_critic,
+                                                      cfg.critic_grad_clip)
             epochs_run += 1
             if cfg.target_approx_kl and not warmup:
                 if is_distributed():
@@ -620,7 +641,7 @@ def train(cfg: PPOConfig) -> None:
             metrics["rollout_tokens_per_sec"] *= dist.world_size      # the ranks generate side by side
             metrics.update(objective)
             metrics["objective/kl_coef"] = kl_coef_used
-            loss_value = metrics.get("loss/policy", 0.0) + cfg.vf_coef * metrics["loss/value"]
+            loss_value = metrics.get("loss/policy", 0.0) + vf_coef * metrics["loss/value"]
             logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
                              show=("objective/scores", "objective/kl", "val/explained_variance",
                                    "completions/mean_length"), **metrics)

@@ -10,13 +10,15 @@ remembers, for every prompt, a Beta(alpha, beta) belief over the policy's chance
                                                                the prompt's last stored response (how far the
                                                                policy has moved since the tracker last saw it)
     update     alpha <- rho * alpha + r,  beta <- rho * beta + (1 - r)
-    init       n0 = --init_samples responses per prompt before training: p0 = their mean success,
-               alpha = N * p0, beta = N * (1 - p0) with N = 1 / (1 - rho_min), the effective count of the tracker
-               at its fastest forgetting
+    init       n0 = --init_samples responses per prompt before training, s of them successes:
+               alpha = N (s + 1/2) / (n0 + 1), beta = N (n0 - s + 1/2) / (n0 + 1) (the authors' released code) with
+               N = 1 / (1 - rho_min), the effective count of the tracker at its fastest forgetting
     sampling   each micro-batch draws its prompts from --candidate_factor times as many candidates with weight
                sqrt(p_hat (1 - p_hat)) + epsilon: prompts the policy sometimes solves carry the most signal
 
-The policy then follows PPO's clipped objective with these advantages on every completion token. r is the reward
+The policy then follows PPO's clipped objective with these advantages on every completion token, the per-token
+losses summed and divided by the completion tokens of the whole step, all micro-batches and ranks
+(--token_normalization global; micro_batch takes each micro-batch's token mean instead). r is the reward
 made binary by --success_threshold (or clamped to [0, 1] with --binary_reward false); the reward comes from the
 reward functions and/or a reward model (--reward_model).
 
@@ -47,9 +49,10 @@ from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, Globa
                                        mean_over_ranks, optimizer_step, pack_sequences, parse_config,
                                        prepare_phase_data, print0, resolve_dtype, restore_training_state,
                                        reward_model_scores, rollout, save_training_checkpoint, seed_everything,
-                                       setup_distributed, sync_gradients, unwrap, wrap_model)
+                                       setup_distributed, step_token_count, sync_gradients, unwrap, wrap_model)
 
 DEFAULTS_YAML = f"{CONFIG_DIR}/spo.yaml"
+TOKEN_NORMALIZATIONS = ("global", "micro_batch")
 
 
 @dataclass
@@ -89,6 +92,11 @@ class SPOConfig(TrainConfig):
     epsilon: float = field(default=0.2, metadata={"help": "lower clip: ratio >= 1 - epsilon"})
     epsilon_high: float | None = field(default=None, metadata={"help": "upper clip; None = epsilon"})
     num_iterations: int = field(default=1, metadata={"help": "optimizer steps on each rollout batch"})
+    token_normalization: str = field(default="global", metadata={
+        "help": "global: the summed per-token loss / the completion tokens of the whole step, all micro-batches and "
+                "ranks (every token weighs the same; DAPO's token-level loss, GRPO's --loss_type dapo); "
+                "micro_batch: each micro-batch's token mean, averaged over micro-batches and ranks",
+        "choices": list(TOKEN_NORMALIZATIONS)})
 
     def validate(self) -> None:
         super().validate()
@@ -140,13 +148,35 @@ def sampling_weights(p_hat: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 
 def normalise_advantages(raw: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(A - mean) / (std + eps) over the whole batch of every rank (one all-reduce of sum, sum of squares, count)."""
-    stats = torch.stack([raw.sum(), (raw ** 2).sum(), torch.tensor(float(raw.numel()), device=raw.device)])
+    """(A - mean) / (std + eps) over the whole batch of every rank, in two passes in float64: the mean (one
+    all-reduce of sum and count), then the mean squared deviation from it (another); one pass of E[A^2] - mean^2
+    cancels catastrophically when the advantages sit far from zero."""
+    a = raw.double()                                                              # [B]
+    stats = torch.stack([a.sum(), torch.tensor(float(a.numel()), dtype=torch.float64, device=a.device)])
     if is_distributed():
         torch.distributed.all_reduce(stats)
-    mean = stats[0] / stats[2]
-    std = torch.sqrt((stats[1] / stats[2] - mean ** 2).clamp(min=0))
-    return (raw - mean) / (std + eps)
+    mean = stats[0] / stats[1]
+    squares = ((a - mean) ** 2).sum()
+    if is_distributed():
+        torch.distributed.all_reduce(squares)
+    std = torch.sqrt(squares / stats[1])
+    return ((a - mean) / (std + eps)).to(raw.dtype)
+
+
+def policy_loss(per_token: torch.Tensor, mask: torch.Tensor, normalization: str, tokens_in_step: float,
+                accumulation_steps: int, world_size: int) -> torch.Tensor:
+    """What one micro-batch back-propagates, from per-token losses [B, T] and the completion mask [B, T], such that
+    the gradient summed over the A micro-steps and averaged over the W ranks (DDP) is that of
+
+        global       sum over the step's tokens / tokens_in_step      (tokens_in_step: all micro-batches, all ranks)
+        micro_batch  mean over micro-batches and ranks of each micro-batch's token mean
+    """
+    total = (per_token * mask).sum()
+    if normalization == "global":
+        return total * world_size / max(tokens_in_step, 1.0)
+    if normalization == "micro_batch":
+        return total / mask.sum().clamp(min=1) / accumulation_steps
+    raise ValueError(f"unknown token normalization {normalization!r}")
 
 
 class BetaTracker:
@@ -169,10 +199,12 @@ class BetaTracker:
         return a / (a + b)
 
     def initialise(self, index: int, successes: list[float]) -> None:
-        """alpha = N p0, beta = N (1 - p0), p0 the mean of the n0 initial successes."""
-        p0 = sum(successes) / len(successes)
-        self.alpha[index] = self.effective_count * p0
-        self.beta[index] = self.effective_count * (1 - p0)
+        """alpha = N (s + 1/2) / (n + 1), beta = N (n - s + 1/2) / (n + 1): s successes of the n initial samples,
+        smoothed as in the authors' released code, so that 0/n or n/n does not start p_hat at exactly 0 or 1 (which
+        would give the prompt the floor weight epsilon and starve it under prioritised sampling)."""
+        n, s = len(successes), sum(successes)
+        self.alpha[index] = self.effective_count * (s + 0.5) / (n + 1)
+        self.beta[index] = self.effective_count * (n - s + 0.5) / (n + 1)
 
     def rho(self, D: float | None) -> float:
         if self.constant_rho is not None:
@@ -393,6 +425,7 @@ def train(cfg: SPOConfig) -> None:
             for b, lp in enumerate(old_logps[s]):
                 o[b][mask[b].bool()] = torch.tensor(lp, device=dist.device)
             old.append(o)
+        tokens_in_step = step_token_count([p[2] for p in packed], dist.device)          # all ranks
         sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
         for iteration in range(cfg.num_iterations):
             for m, ((ids, attention, mask, _), s) in enumerate(zip(packed, micro)):
@@ -400,9 +433,10 @@ def train(cfg: SPOConfig) -> None:
                     with amp:
                         logp, entropy = gather_logprobs(train_model, ids, attention, temperature, with_entropy=True)
                     per_token, low, high = clipped_surrogate(logp.float(), old[m], advantages[s, None], cfg.epsilon,
-                                                             epsilon_high)
-                    loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-                    scaler.scale(loss / cfg.accumulation_steps).backward()
+                                                             epsilon_high, mask)
+                    loss = policy_loss(per_token, mask, cfg.token_normalization, tokens_in_step,
+                                       cfg.accumulation_steps, dist.world_size)
+                    scaler.scale(loss).backward()
                 sums["loss"] += float((per_token.detach() * mask).sum())
                 sums["tokens"] += float(mask.sum())
                 sums["clip_low"] += float((low.float() * mask).sum())
