@@ -22,14 +22,12 @@ Commands (from the repository root):
 """
 
 import argparse
-import statistics
 import tempfile
-import time
 from contextlib import nullcontext
 
 import torch
 
-from minitrain.kernels.bench import peak_bytes, synchronize
+from minitrain.kernels.bench import measure
 from minitrain.model.checkpoint import save_checkpoint
 from minitrain.model.config import ModelConfig
 from minitrain.model.generate import generate
@@ -106,21 +104,21 @@ def theirs_decode(model, prompts, new_tokens, autocast):
     return run
 
 
-def timed_rounds(steps: dict, device, warmup: int, repeat: int) -> dict:
-    """{name: median seconds} of the steps {name: step()}, one step of each in turn per round."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    synchronize(device)
-    times = {name: [] for name in steps}
-    for _ in range(repeat):
-        for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def table_rows(workload: str, results: dict, tokens: int, flops_per_token: float | None,
+               peak_flops: float = 0.0) -> list[tuple[str, ...]]:
+    """Table rows of measure()'s {name: (median seconds, peak bytes) or None when out of memory}: tokens/s, speed
+    against Llama's (above 1 = ours faster), peak MB and, when flops_per_token is given, MFU against peak_flops."""
+    llama = results.get("llama")
+    rows = []
+    for name, result in results.items():
+        if result is None:
+            rows.append((workload, name, "out of memory", "", "", ""))
+            continue
+        seconds, peak = result
+        ratio = f"{llama[0] / seconds:.2f}x" if llama else ""
+        mfu = f"{flops_per_token * tokens / seconds / peak_flops:.1%}" if flops_per_token else ""
+        rows.append((workload, name, f"{tokens / seconds:,.0f}", ratio, f"{peak / 2**20:,.0f}", mfu))
+    return rows
 
 
 def main(argv=None):
@@ -154,32 +152,23 @@ def main(argv=None):
             compiled = torch.compile(ours)
             steps["ours + compile"] = training_step(compiled, torch.optim.AdamW(ours.parameters(), lr=1e-5),
                                                     train_ids, autocast)
-        seconds = timed_rounds(steps, device, args.warmup, args.repeat)
-        tokens = args.batch_size * args.seq_len
-        for name, step in steps.items():
-            peak = peak_bytes(step, device, "rss")
-            mfu = ""
-            if device.type == "cuda":
-                mfu = f"{6 * n_params * tokens / seconds[name] / (args.peak_tflops * 1e12):.1%}"
-            rows.append((f"train {dtype_name}", name, tokens / seconds[name], seconds["llama"] / seconds[name],
-                         peak, mfu))
+        results = measure(steps, device, args.warmup, args.repeat, "rss")     # {name: (median s, peak bytes)}
+        rows += table_rows(f"train {dtype_name}", results, args.batch_size * args.seq_len,   # 6N FLOPs a token
+                           6 * n_params if device.type == "cuda" else None, args.peak_tflops * 1e12)
         # greedy decoding
         for batch in [int(b) for b in args.decode_batches.split(",")]:
             prompts = torch.randint(3, args.vocab_size, (batch, args.prompt_len), generator=g).tolist()
             steps = {"ours": ours_decode(ours.eval(), prompts, args.new_tokens, autocast),
                      "llama": theirs_decode(theirs.eval(), prompts, args.new_tokens, autocast)}
-            seconds = timed_rounds(steps, device, args.warmup, args.repeat)
-            for name, step in steps.items():
-                peak = peak_bytes(step, device, "rss")
-                rows.append((f"decode {dtype_name} B={batch}", name, batch * args.new_tokens / seconds[name],
-                             seconds["llama"] / seconds[name], peak, ""))
+            results = measure(steps, device, args.warmup, args.repeat, "rss")
+            rows += table_rows(f"decode {dtype_name} B={batch}", results, batch * args.new_tokens, None)
             ours.train()
             theirs.train()
 
     print("| workload | model | tokens/s | vs Llama (speed) | peak MB | MFU |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for workload, name, rate, ratio, peak, mfu in rows:
-        print(f"| {workload} | {name} | {rate:,.0f} | {ratio:.2f}x | {peak / 2**20:,.0f} | {mfu} |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
