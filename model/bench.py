@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--num_key_value_heads", type=int, default=2)
     p.add_argument("--intermediate_size", type=int, default=1408)
     p.add_argument("--vocab_size", type=int, default=6400)
+    p.add_argument("--untied", action="store_true", help="an output head of its own (default: tied to the embedding, "
+                                                         "as the speed issue's 25.8M shape and MiniMind have it)")
     p.add_argument("--batch_size", type=int, default=8, help="training sequences per step")
     p.add_argument("--seq_len", type=int, default=256, help="training tokens per sequence")
     p.add_argument("--prompt_len", type=int, default=32)
@@ -68,7 +70,7 @@ def build_models(args, device):
                          intermediate_size=args.intermediate_size, num_hidden_layers=args.num_hidden_layers,
                          num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
                          max_position_embeddings=max(args.seq_len, args.prompt_len + args.new_tokens),
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=not args.untied)
     torch.manual_seed(0)
     ours = CausalLM(config)
     with tempfile.TemporaryDirectory() as directory:
