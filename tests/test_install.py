@@ -84,3 +84,16 @@ def test_train_then_load_in_transformers_and_peft_beside_hf_kernels(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     moved = float(r.stdout.strip().splitlines()[-1].split()[-1])
     assert moved > 1e-4          # the adapter was trained, so the agreement above is not base against base
+
+
+@pytest.mark.slow
+def test_a_script_run_by_path_from_another_directory_finds_its_defaults(tmp_path):
+    # the recipe, the data mixture and the tokenizer resolve against the repository; the data is built in the cwd
+    r = subprocess.run([sys.executable, str(REPO / "trainer" / "train_sft.py"), "--init_from",
+                        str(REPO / "tests" / "assets" / "mini-pretrained"), "--max_steps", "1", "--report_to", "none",
+                        "--sample_prompts", "", "--eval_interval", "0", "--eval_tasks", "", "--out_dir", "out"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=script_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"data (sft, {REPO / 'config' / 'data' / 'sft' / 'default.yaml'}):" in r.stdout
+    assert (tmp_path / "data" / "embedded" / "sft.jsonl").is_file()
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
