@@ -125,7 +125,7 @@ def test_reward_model_learns_the_preference(reward_run):
 
 
 def test_transformers_loads_the_reward_checkpoint_with_equal_scores(reward_run):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     final = str(reward_run["out"] / "final")
     config = json.load(open(f"{final}/config.json"))
     assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
