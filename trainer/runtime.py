@@ -1280,7 +1280,9 @@ def step_token_count(masks: list[torch.Tensor], device: torch.device) -> float:
     """The target tokens of one whole optimizer step: the masks of every micro-batch of this rank, summed over all
     ranks (one all-reduce). A micro-batch's summed loss divided by it, times the number of ranks (DDP averages the
     ranks' gradients), gives the token mean over the global batch: DAPO's token-level loss and TRL's GKD."""
-    total = torch.tensor([sum(float(m.sum()) for m in masks)], device=device, dtype=torch.float64)
+    total = torch.zeros(1, device=device, dtype=torch.float64)
+    for m in masks:                       # summed on the device: one host sync in all, at .item()
+        total += m.sum()
     if is_distributed():
         tdist.all_reduce(total)
     return total.item()
