@@ -5,3 +5,9 @@
 with a generic name lands on the path beside transformers, peft and Hugging Face's `kernels`. Scripts still run by
 path: `python trainer/train_sft.py`.
 """
+
+import os
+
+# The folder this package lives in: the repository root in a checkout (config/, dataset/tokenizer/ and the embedded
+# data are read from here), the installed minitrain/ folder after a regular install.
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -37,7 +37,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -393,21 +392,6 @@ def build_rows(name: str, cfg: EmbeddedConfig, docs_cache: list) -> list[dict]:
 # Writing: atomic files and the manifest
 # =============================================================================================================
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename: readers see the old file or the new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)          # mkstemp creates files only the owner can read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def jsonl_bytes(rows: list[dict]) -> bytes:
@@ -448,6 +432,7 @@ def ensure_embedded_data(root: str = "data/embedded", cfg: EmbeddedConfig | None
 
     Safe to call from several processes at once: each file is written atomically, and they write the same bytes.
     """
+    from minitrain.dataset.files import write_atomic    # not at the top: see the imports' comment
     cfg = cfg or EmbeddedConfig()
     os.makedirs(root, exist_ok=True)
     manifest = read_manifest(root)

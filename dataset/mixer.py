@@ -35,14 +35,14 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 
 import yaml
 
+from minitrain.dataset.files import write_atomic
 from minitrain.dataset.formats import PHASE_FORMATS, PHASES, row_texts
 from minitrain.dataset.jsonl import DataError, check_file, iter_rows
-from minitrain.model.config import REPO_ROOT
+from minitrain import REPO_ROOT
 
 DEFAULT_MIXTURES = os.path.join(REPO_ROOT, "config", "data")
 EMBEDDED_DIR = os.path.join("data", "embedded")
@@ -326,19 +326,6 @@ def prepared_directory(prepared_dir: str, mixture: Mixture) -> str:
     return os.path.join(prepared_dir, f"{mixture.phase}-{mixture.name}")
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def jsonl_bytes(rows: list[dict]) -> bytes:

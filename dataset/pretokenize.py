@@ -20,18 +20,13 @@ import os
 import numpy as np
 import torch
 
+from minitrain.dataset.files import file_sha256
 from minitrain.dataset.jsonl import DataError, iter_rows
 
 CACHE_VERSION = 1
 BATCH_ROWS = 1024     # rows tokenized per call of the (multi-threaded) tokenizer
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

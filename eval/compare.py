@@ -23,6 +23,7 @@ import math
 import os
 import sys
 
+from minitrain.dataset.files import write_atomic
 from minitrain.eval.cli import OneLineParser, UsageError, run_cli
 from minitrain.eval.stats import dominance_pairs, paired_changes, pareto_frontier
 
@@ -203,11 +204,7 @@ def main(argv=None) -> dict:
     comparison["files"] = dict(zip(names, args.files))
     print(format_comparison(comparison))
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(comparison, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        write_atomic(args.json, json.dumps(comparison, indent=2) + "\n")
         print(f"wrote {args.json}")
     return comparison
 

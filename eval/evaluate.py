@@ -31,6 +31,7 @@ import time
 import torch
 from safetensors import SafetensorError
 
+from minitrain.dataset.files import write_atomic
 from minitrain.eval.cli import OneLineParser, UsageError, check_device, load_heads_for_decoding, run_cli
 from minitrain.eval.stats import interval_key
 from minitrain.eval.task_eval import AGGREGATE, PromptTooLong, check_settings, evaluate_tasks, parse_task_names
@@ -176,12 +177,6 @@ def format_table(report: dict) -> str:
                       "ended = fraction of answers that stopped at <|im_end|> before --max_new_tokens"])
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write through a temporary file renamed into place: a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:

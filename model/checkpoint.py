@@ -28,7 +28,7 @@ from minitrain.model.config import ConfigError, ModelConfig, read_json
 from minitrain.model.decoding_heads import CONFIG_FIELD as HEADS_FIELD
 from minitrain.model.decoding_heads import heads_from_description
 from minitrain.model.tokenizer import Tokenizer, TokenizerError
-from minitrain.model.transformer import CausalLM, RotaryEmbedding
+from minitrain.model.transformer import CausalLM, RotaryEmbedding, unwrap
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,8 +48,7 @@ def save_checkpoint(model: CausalLM, tokenizer: Tokenizer | None, out_dir: str, 
     extra_json: saved as minitrain.json. write_extra(tmp_dir): called before the rename, so that files a trainer
     adds (resume state) become visible together with the weights.
     """
-    model = getattr(model, "_orig_mod", model)     # unwrap torch.compile
-    model = getattr(model, "module", model)        # unwrap DistributedDataParallel
+    model = unwrap(model)
     if any(".lora_A." in name for name in model.state_dict()):
         raise ValueError("save_checkpoint: the model still holds LoRA adapters; save them with model.lora.save_adapter "
                          "or merge them first with model.lora.merge_lora")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from minitrain import REPO_ROOT
+
 PRESET_DIR = os.path.join(REPO_ROOT, "config", "model")
 
 

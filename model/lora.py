@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from minitrain.model.checkpoint import fsync_dir
 from minitrain.model.config import ConfigError, read_json
+from minitrain.model.transformer import unwrap
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -152,10 +153,10 @@ def parse_targets(text: str) -> list[str] | str:
     return names
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's and DistributedDataParallel's wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+def has_lora(model: nn.Module) -> bool:
+    """True when the model (inside any wrappers) carries LoRA adapters."""
+    return getattr(unwrap(model), "lora_config", None) is not None
+
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -424,3 +424,14 @@ def build_attention_mask(attention_mask, T: int, past: int, device):
         queries = attention_mask[:, None, past:S, None]                     # [B, 1, T, 1]
         mask = (mask & (keys == queries)) | (k_pos == q_pos)[None, None]
     return mask
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and torch.compile wrappers (any nesting)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

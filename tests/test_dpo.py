@@ -29,7 +29,7 @@ from minitrain.model.config import load_model_config
 from minitrain.model.lora import LoRAConfig, apply_lora
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer import make_pairs, train_dpo
-from minitrain.trainer.runtime import DistInfo
+from minitrain.trainer.distributed import DistInfo
 from minitrain.trainer.train_dpo import (BetaTracker, DPOConfig, beta_dpo_beta, cached_reference_logps,
                                          compute_reference_logps, filter_pairs, gap_weights, hinge_loss, ipo_loss,
                                          live_reference_logps, pair_losses, quantile_update, reference_cache_path,

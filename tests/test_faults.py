@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, run_script, script_env
-from minitrain.trainer import runtime
-from minitrain.trainer.runtime import TrainConfig, check_out_dir, parse_config
+from minitrain.trainer import checkpointing, configuration, optim
+from minitrain.trainer.checkpointing import check_out_dir
+from minitrain.trainer.configuration import TrainConfig, parse_config
 
 QUICK = ["--model_config", "tiny", "--report_to", "none", "--batch_size", "4", "--max_seq_len", "64",
          "--eval_batches", "1", "--sample_prompts", ""]
@@ -79,20 +80,20 @@ def test_a_non_finite_gradient_norm_at_a_log_step_stops_the_run_naming_step_and_
 
 def test_skip_nonfinite_steps_leaves_weights_and_optimizer_untouched():
     model = torch.nn.Linear(3, 2)
-    optimizer = runtime.build_optimizer(model, TrainConfig(skip_nonfinite_steps=1), torch.device("cpu"))
-    scaler = runtime.make_grad_scaler(torch.device("cpu"), torch.float32)
+    optimizer = optim.build_optimizer(model, TrainConfig(skip_nonfinite_steps=1), torch.device("cpu"))
+    scaler = optim.make_grad_scaler(torch.device("cpu"), torch.float32)
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.tensor([[1.0, float("nan"), 0.0]])).sum().backward()
-    assert torch.isnan(runtime.optimizer_step(optimizer, scaler, 1e-2, 1.0))
+    assert torch.isnan(optim.optimizer_step(optimizer, scaler, 1e-2, 1.0))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and optimizer.state_dict()["state"] == {}
     assert all(p.grad is None for p in model.parameters())
     model(torch.ones(1, 3)).sum().backward()
-    assert torch.isfinite(runtime.optimizer_step(optimizer, scaler, 1e-2, 1.0))
+    assert torch.isfinite(optim.optimizer_step(optimizer, scaler, 1e-2, 1.0))
     assert not torch.equal(before[0], model.weight)
     model(torch.tensor([[float("inf"), 0.0, 0.0]])).sum().backward()
-    with pytest.raises(runtime.TrainingDiverged, match=r"^the gradient norm was not finite \(inf\) in 2 steps, more "
+    with pytest.raises(configuration.TrainingDiverged, match=r"^the gradient norm was not finite \(inf\) in 2 steps, more "
                                                        r"than --skip_nonfinite_steps 1: the run stopped"):
-        runtime.optimizer_step(optimizer, scaler, 1e-2, 1.0)
+        optim.optimizer_step(optimizer, scaler, 1e-2, 1.0)
 
 
 def test_an_infinite_learning_rate_is_refused(capsys):
@@ -161,7 +162,8 @@ def test_a_corrupt_resume_state_is_one_line(two_step_run, tmp_path):
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from minitrain.trainer.runtime import TrainConfig, check_out_dir
+    from minitrain.trainer.checkpointing import check_out_dir
+    from minitrain.trainer.configuration import TrainConfig
     check_out_dir(TrainConfig(out_dir=sys.argv[1]))
     print("locked", flush=True)
     time.sleep(120)
@@ -188,8 +190,8 @@ def test_a_second_run_on_the_same_out_dir_stops_naming_the_holder(tmp_path):
         holder.wait()
     check_out_dir(TrainConfig(out_dir=str(out)))                      # the dead holder's lock is gone
     assert (out / "run.lock").read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"
-    runtime.RUN_DIR_LOCK.file.close()
-    runtime.RUN_DIR_LOCK.file = None
+    checkpointing.RUN_DIR_LOCK.file.close()
+    checkpointing.RUN_DIR_LOCK.file = None
 
 
 @pytest.mark.slow
@@ -229,7 +231,7 @@ PEAK = textwrap.dedent("""
     import json, random, resource, sys
     from minitrain.dataset.pretokenize import build_token_cache
     from minitrain.model.checkpoint import load_tokenizer
-    from minitrain.trainer.runtime import DEFAULT_TOKENIZER_DIR
+    from minitrain.trainer.configuration import DEFAULT_TOKENIZER_DIR
     path, chars = sys.argv[1], int(sys.argv[2])
     random.seed(0)
     words = ["alpha", "beta", "gamma", "the", "of", "model", "token", "1234", "x"]
@@ -260,7 +262,7 @@ def test_a_giant_row_is_tokenized_in_bounded_memory(tmp_path):
 def test_pieces_of_a_long_text_tokenize_as_the_whole_text():
     from minitrain.model import tokenizer as tokenizer_module
     from minitrain.model.checkpoint import load_tokenizer
-    tokenizer = load_tokenizer(runtime.DEFAULT_TOKENIZER_DIR)
+    tokenizer = load_tokenizer(configuration.DEFAULT_TOKENIZER_DIR)
     text = " ".join(f"word{i % 97} of the model, 12.5%" for i in range(30_000))      # ~750 k characters
     assert len(text) > 8 * tokenizer_module.PIECE_CHARS
     pieces = list(tokenizer.encode_pieces(["short one", text]))
@@ -303,6 +305,6 @@ def test_sft_answers_all_beyond_max_seq_len_name_file_and_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError) as e:
-        ChatDataset(str(path), load_tokenizer(runtime.DEFAULT_TOKENIZER_DIR), max_seq_len=16)
+        ChatDataset(str(path), load_tokenizer(configuration.DEFAULT_TOKENIZER_DIR), max_seq_len=16)
     assert str(e.value) == (f"{path}: line 1: field 'messages': no assistant token within --max_seq_len 16, nor in "
                             f"any of the other 2 (lines 2-3); raise --max_seq_len or shorten the prompts")

@@ -13,7 +13,9 @@ import torch
 from conftest import run_script
 from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
-from minitrain.trainer.runtime import clipped_surrogate, gather_logprobs, k3_kl, pack_sequences, rollout
+from minitrain.trainer.sequences import gather_logprobs, pack_sequences, rollout
+from minitrain.trainer.train_grpo import k3_kl
+from minitrain.trainer.train_ppo import clipped_surrogate
 from minitrain.trainer.train_grpo import aggregate_loss, batch_reward_std, group_advantages
 
 
@@ -193,7 +195,7 @@ DRIFT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from minitrain.model.config import load_model_config
     from minitrain.model.transformer import CausalLM
-    from minitrain.trainer.runtime import check_replicas, setup_distributed
+    from minitrain.trainer.distributed import check_replicas, setup_distributed
     info = setup_distributed("cpu")
     torch.manual_seed(0)
     model = CausalLM(load_model_config("tiny"))

@@ -39,7 +39,7 @@ def test_the_distribution_puts_only_minitrain_on_the_path(tmp_path):
 
 def test_minitrain_modules_import_under_their_namespace(tmp_path):
     r = run_python("""
-        import minitrain.model.transformer, minitrain.trainer.runtime, minitrain.eval.tasks, minitrain.dataset.mixer
+        import minitrain.model.transformer, minitrain.trainer.checkpointing, minitrain.eval.tasks, minitrain.dataset.mixer
         from minitrain.model.checkpoint import load_model
         from minitrain.kernels import fused_linear_cross_entropy
         import minitrain

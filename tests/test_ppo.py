@@ -18,7 +18,7 @@ from minitrain.model.checkpoint import load_model
 from minitrain.model.config import load_model_config
 from minitrain.model.heads import RewardModel, ValueHead, ValueModel, save_reward_model
 from minitrain.model.transformer import CausalLM
-from minitrain.trainer.runtime import clipped_surrogate
+from minitrain.trainer.train_ppo import clipped_surrogate
 from minitrain.trainer.train_ppo import (adaptive_kl_update, approx_kl, explained_variance, gae, main, masked_moments,
                                          per_token_rewards, value_loss, whiten)
 

@@ -17,7 +17,7 @@ from minitrain.model.checkpoint import load_tokenizer
 from minitrain.model.config import load_model_config
 from minitrain.model.heads import RewardModel, last_token_index, load_reward_model
 from minitrain.model.transformer import CausalLM
-from minitrain.trainer.runtime import DEFAULT_TOKENIZER_DIR
+from minitrain.trainer.configuration import DEFAULT_TOKENIZER_DIR
 from minitrain.trainer.train_reward import PairDataset, bradley_terry_loss, collate_pairs, main
 
 
@@ -81,7 +81,7 @@ def test_pairs_are_laid_out_as_ppo_scores_them_with_their_margins(tmp_path):
 def reward_run(trained_checkpoints, tmp_path_factory):
     """A short reward-model run on preference pairs built from the embedded ones: chosen = the reference response
     (<think> reasoning </think> <answer>), rejected = the near miss's <answer> alone, without reasoning (the
-    preference eval/rewards.py's format reward encodes). On the embedded pairs themselves, whose answers differ by
+    preference trainer/rewards.py's format reward encodes). On the embedded pairs themselves, whose answers differ by
     one wrong number, the tiny model's validation accuracy stays at 0.5-0.65 (56 pairs): telling them apart means
     solving the task, which the SFT model's own likelihood does only 61% of the time. Every fourth row has its own
     margin."""

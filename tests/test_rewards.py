@@ -1,9 +1,9 @@
 # Run: pytest tests/test_rewards.py
-# Reward functions (eval/rewards.py): exact answers through the task checkers, the format reward, the partial-credit
+# Reward functions (trainer/rewards.py): exact answers through the task checkers, the format reward, the partial-credit
 # tiers and each task's closeness, the length penalty, combining several with weights, and loading module:function.
 import pytest
 
-from minitrain.eval.rewards import CombinedReward, RewardError, load_reward, parse_reward_flags
+from minitrain.trainer.rewards import CombinedReward, RewardError, load_reward, parse_reward_flags
 from minitrain.eval.tasks import EVAL_SEED, get_task
 
 

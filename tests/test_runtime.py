@@ -22,9 +22,14 @@ from conftest import run_script
 from minitrain.model.checkpoint import load_model
 from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
-from minitrain.trainer import runtime
-from minitrain.trainer.runtime import (DistInfo, GlobalBatchSampler, TrainConfig, cosine_lr, flops_per_token,
-                                       param_groups, parse_config)
+from minitrain.trainer import batches, checkpointing, distributed, optim, reporting
+from minitrain.dataset import jsonl
+from minitrain.model import config
+from minitrain.trainer.batches import GlobalBatchSampler
+from minitrain.trainer.configuration import TrainConfig, parse_config
+from minitrain.trainer.distributed import DistInfo
+from minitrain.trainer.optim import cosine_lr, param_groups
+from minitrain.trainer.reporting import flops_per_token
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -187,10 +192,10 @@ def test_sampler_resumes_at_the_same_sample_with_another_world_size():
 
 
 def test_sampler_refuses_too_little_data_and_other_data_on_resume():
-    with pytest.raises(runtime.DataError, match="fewer than one global batch of 16"):
+    with pytest.raises(jsonl.DataError, match="fewer than one global batch of 16"):
         GlobalBatchSampler(10, 4, 2, 2, 0, 0)
     s = GlobalBatchSampler(40, 4, 1, 1, 0, seed=1)
-    with pytest.raises(runtime.ConfigError, match="differs from this run"):
+    with pytest.raises(config.ConfigError, match="differs from this run"):
         s.load_state_dict({**s.state_dict(), "num_samples": 41})
 
 
@@ -209,7 +214,7 @@ def test_flops_per_token_formula():
 
 def test_run_logger_writes_one_json_record_per_log_step(tmp_path):
     cfg = TrainConfig(out_dir=str(tmp_path), report_to="none")
-    logger = runtime.RunLogger(cfg, CPU, total_steps=10, start_step=0, flops_per_token=1e6)
+    logger = reporting.RunLogger(cfg, CPU, total_steps=10, start_step=0, flops_per_token=1e6)
     for step in (1, 2):
         time.sleep(0.01)
         logger.tick(tokens=1000, samples=10)
@@ -222,14 +227,14 @@ def test_run_logger_writes_one_json_record_per_log_step(tmp_path):
     r = records[1]
     assert 0 < r["tokens_per_sec"] < 1000 / 0.01
     assert r["samples_per_sec"] == pytest.approx(r["tokens_per_sec"] / 100)
-    assert r["mfu_percent"] == pytest.approx(100 * 1e6 * r["tokens_per_sec"] / runtime.CPU_ASSUMED_PEAK_FLOPS)
+    assert r["mfu_percent"] == pytest.approx(100 * 1e6 * r["tokens_per_sec"] / reporting.CPU_ASSUMED_PEAK_FLOPS)
 
 
 def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "kind": "train", "loss": s}) + "\n" for s in range(1, 8))
                     + '{"step": 8, "kind": "tr')   # a line cut short by kill -9
-    runtime.truncate_metrics(str(path), 5)
+    checkpointing.truncate_metrics(str(path), 5)
     assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3, 4, 5]
 
 
@@ -249,7 +254,7 @@ def test_resume_state_round_trip_without_pickle():
 
     for _ in range(3):
         step()
-    tensors, groups, scalars = runtime.optimizer_state_tensors(opt)
+    tensors, groups, scalars = checkpointing.optimizer_state_tensors(opt)
     groups = json.loads(json.dumps(groups))          # what resume_state.json holds
     saved_params = [p.detach().clone() for p in toy.parameters()]
     expected = [step() for _ in range(3)]
@@ -258,7 +263,7 @@ def test_resume_state_round_trip_without_pickle():
         for p, saved in zip(toy.parameters(), saved_params):
             p.copy_(saved)
     opt = torch.optim.AdamW(param_groups(toy, 0.1), lr=5.0)   # a different lr: the state must restore it
-    opt.load_state_dict(runtime.optimizer_state_dict(tensors, groups, scalars))
+    opt.load_state_dict(checkpointing.optimizer_state_dict(tensors, groups, scalars))
     assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["betas"] == (0.9, 0.95)
     assert [step() for _ in range(3)] == expected
 
@@ -266,11 +271,11 @@ def test_resume_state_round_trip_without_pickle():
 def test_rng_state_round_trip():
     import random
     import numpy as np
-    json_part, tensors = runtime.rng_state()
+    json_part, tensors = checkpointing.rng_state()
     json_part = json.loads(json.dumps(json_part))
     draws = (random.random(), np.random.rand(), torch.rand(3).tolist())
-    runtime.seed_everything(123)
-    runtime.set_rng_state(json_part, tensors)
+    distributed.seed_everything(123)
+    checkpointing.set_rng_state(json_part, tensors)
     assert (random.random(), np.random.rand(), torch.rand(3).tolist()) == draws
 
 
@@ -291,19 +296,19 @@ def train_steps(model, opt, scaler, sampler, data, steps, start, cfg):
     losses = []
     for step in range(start, start + steps):
         for indices in sampler.next_step():
-            loss = model(**runtime.load_batch(data, indices, CPU.device)).loss
+            loss = model(**batches.load_batch(data, indices, CPU.device)).loss
             (loss / cfg.accumulation_steps).backward()
         lr = cosine_lr(step, 10, 2, cfg.learning_rate, cfg.min_lr_ratio)
-        runtime.optimizer_step(opt, scaler, lr, cfg.grad_clip)
+        optim.optimizer_step(opt, scaler, lr, cfg.grad_clip)
         losses.append(loss.item())
     return losses
 
 
 def fresh_run(cfg, data):
-    runtime.seed_everything(cfg.seed)
+    distributed.seed_everything(cfg.seed)
     model = CausalLM(load_model_config("tiny", {"dropout": 0.1}))   # dropout: the RNG state matters
-    opt = runtime.build_optimizer(model, cfg, CPU.device)
-    scaler = runtime.make_grad_scaler(CPU.device, torch.float32)
+    opt = optim.build_optimizer(model, cfg, CPU.device)
+    scaler = optim.make_grad_scaler(CPU.device, torch.float32)
     sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.accumulation_steps, 1, 0, cfg.seed)
     return model, opt, scaler, sampler
 
@@ -313,9 +318,9 @@ def test_checkpoint_and_restore_repeat_the_uninterrupted_losses_exactly(tmp_path
                       keep_checkpoints=2)
     data = ToyData()
     model, opt, scaler, sampler = fresh_run(cfg, data)
-    logger = runtime.RunLogger(cfg, CPU, 10, 0, 1.0)
+    logger = reporting.RunLogger(cfg, CPU, 10, 0, 1.0)
     train_steps(model, opt, scaler, sampler, data, 3, 0, cfg)
-    path = runtime.save_training_checkpoint(cfg, CPU, 3, model, None, opt, scaler, sampler, logger, "test")
+    path = checkpointing.save_training_checkpoint(cfg, CPU, 3, model, None, opt, scaler, sampler, logger, "test")
     expected = train_steps(model, opt, scaler, sampler, data, 4, 3, cfg)      # crosses an epoch boundary at step 4
 
     # everything in the checkpoint is JSON or safetensors; nothing is pickled
@@ -328,10 +333,10 @@ def test_checkpoint_and_restore_repeat_the_uninterrupted_losses_exactly(tmp_path
     state = json.load(open(os.path.join(path, "resume_state.json")))
     assert state["step"] == 3 and state["data"]["epoch_samples"] == 24 and state["world_size"] == 1
 
-    runtime.seed_everything(999)                                              # the checkpoint must override this
+    distributed.seed_everything(999)                                              # the checkpoint must override this
     model2, opt2, scaler2, sampler2 = fresh_run(cfg, data)
-    resume = runtime.load_resume_state(str(tmp_path))
-    runtime.restore_training_state(resume, cfg, model2, opt2, scaler2, sampler2, CPU)
+    resume = checkpointing.load_resume_state(str(tmp_path))
+    checkpointing.restore_training_state(resume, cfg, model2, opt2, scaler2, sampler2, CPU)
     assert resume.step == 3
     assert train_steps(model2, opt2, scaler2, sampler2, data, 4, 3, cfg) == expected
 
@@ -340,24 +345,24 @@ def test_an_exception_during_a_save_leaves_the_previous_checkpoint(tmp_path, mon
     cfg = TrainConfig(out_dir=str(tmp_path), batch_size=4, report_to="none", keep_checkpoints=1)
     data = ToyData()
     model, opt, scaler, sampler = fresh_run(cfg, data)
-    logger = runtime.RunLogger(cfg, CPU, 10, 0, 1.0)
+    logger = reporting.RunLogger(cfg, CPU, 10, 0, 1.0)
     train_steps(model, opt, scaler, sampler, data, 1, 0, cfg)
-    runtime.save_training_checkpoint(cfg, CPU, 1, model, None, opt, scaler, sampler, logger, "test")
+    checkpointing.save_training_checkpoint(cfg, CPU, 1, model, None, opt, scaler, sampler, logger, "test")
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     train_steps(model, opt, scaler, sampler, data, 1, 1, cfg)
 
     def crash(directory, tensors, state):
         open(os.path.join(directory, "resume_state.json"), "w").write('{"half": ')
         raise OSError("disk full")
-    monkeypatch.setattr(runtime, "write_resume_state", crash)
+    monkeypatch.setattr(checkpointing, "write_resume_state", crash)
     with pytest.raises(OSError, match="disk full"):
-        runtime.save_training_checkpoint(cfg, CPU, 2, model, None, opt, scaler, sampler, logger, "test")
+        checkpointing.save_training_checkpoint(cfg, CPU, 2, model, None, opt, scaler, sampler, logger, "test")
     assert not (tmp_path / "step_000002").exists()
-    assert runtime.read_latest(str(tmp_path)) == str(tmp_path / "step_000001")
+    assert checkpointing.read_latest(str(tmp_path)) == str(tmp_path / "step_000001")
     loaded, _ = load_model(str(tmp_path / "step_000001"), with_tokenizer=False)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
     monkeypatch.undo()
-    runtime.save_training_checkpoint(cfg, CPU, 3, model, None, opt, scaler, sampler, logger, "test", final=True)
+    checkpointing.save_training_checkpoint(cfg, CPU, 3, model, None, opt, scaler, sampler, logger, "test", final=True)
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("step_")) == ["step_000003"]  # leftovers pruned
     assert os.path.realpath(tmp_path / "final") == str(tmp_path / "step_000003")
 
@@ -366,20 +371,22 @@ SAVE_FOREVER = """
 import sys, torch
 from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
-from minitrain.trainer import runtime
-cfg = runtime.TrainConfig(out_dir=sys.argv[1], report_to="none", keep_checkpoints=2, batch_size=2)
-dist = runtime.DistInfo(0, 0, 1, torch.device("cpu"))
+from minitrain.trainer import batches, checkpointing, configuration, distributed, optim, reporting
+from minitrain.dataset import jsonl
+from minitrain.model import config
+cfg = configuration.TrainConfig(out_dir=sys.argv[1], report_to="none", keep_checkpoints=2, batch_size=2)
+dist = distributed.DistInfo(0, 0, 1, torch.device("cpu"))
 model = CausalLM(load_model_config("tiny"))
-opt = runtime.build_optimizer(model, cfg, dist.device)
-scaler = runtime.make_grad_scaler(dist.device, torch.float32)
-sampler = runtime.GlobalBatchSampler(100, 2, 1, 1, 0, 0)
-logger = runtime.RunLogger(cfg, dist, 10**6, 0, 1.0)
+opt = optim.build_optimizer(model, cfg, dist.device)
+scaler = optim.make_grad_scaler(dist.device, torch.float32)
+sampler = batches.GlobalBatchSampler(100, 2, 1, 1, 0, 0)
+logger = reporting.RunLogger(cfg, dist, 10**6, 0, 1.0)
 for step in range(1, 10**6):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(step)                     # every weight equals the step it was saved at
     sampler.next_step()
-    runtime.save_training_checkpoint(cfg, dist, step, model, None, opt, scaler, sampler, logger, "test")
+    checkpointing.save_training_checkpoint(cfg, dist, step, model, None, opt, scaler, sampler, logger, "test")
     print(step, flush=True)
 """
 
@@ -396,7 +403,7 @@ def test_kill_9_during_saves_leaves_latest_complete(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    latest = runtime.read_latest(str(out))
+    latest = checkpointing.read_latest(str(out))
     step = int(os.path.basename(latest).split("_")[1])
     assert step >= 8
     model, _ = load_model(latest, with_tokenizer=False)
@@ -409,7 +416,7 @@ TEARDOWN = """
 import os, sys, torch
 from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
-from minitrain.trainer.runtime import cleanup_distributed, setup_distributed
+from minitrain.trainer.distributed import cleanup_distributed, setup_distributed
 
 def threads():
     return len(os.listdir("/proc/self/task"))
@@ -430,7 +437,7 @@ with open(f"{sys.argv[1]}/rank{info.rank}.txt", "w") as f:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_cleanup_distributed_stops_gloo_threads_after_ddp(tmp_path):
     """A gloo group still alive when the interpreter shuts down can abort the process after a finished run
-    (runtime.cleanup_distributed says how): after DDP, even a DDP wrapper caught in a reference cycle, cleanup must
+    (distributed.cleanup_distributed says how): after DDP, even a DDP wrapper caught in a reference cycle, cleanup must
     leave no thread of the group running."""
     script = tmp_path / "teardown.py"
     script.write_text(TEARDOWN)

@@ -286,7 +286,7 @@ def test_distinct_problems_never_repeat_and_exhaust_small_spaces_exactly():
 def test_evaluation_prompts_are_distinct():
     from minitrain.eval.task_eval import held_out_prompts
     from minitrain.model.checkpoint import load_tokenizer
-    from minitrain.model.config import REPO_ROOT
+    from minitrain import REPO_ROOT
     tokenizer = load_tokenizer(f"{REPO_ROOT}/dataset/tokenizer")
     _, problems, prompts = held_out_prompts(tokenizer, "arithmetic:level=1", 50)
     assert len(problems) == len(prompts) == 12 == len({p.question for p in problems})

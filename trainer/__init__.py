@@ -1,0 +1,17 @@
+"""The training scripts, one per method (train_<method>.py), and the support modules they share, one job each.
+
+A script reads top to bottom: docstring (its commands), config, the method's math, train(), its extensions, main.
+The loop skeleton is repeated in every script on purpose (copy-paste-modify), so that each reads alone. What every
+script needs is written once, in the module named for its job:
+
+    configuration   TrainConfig, parse_config (defaults < --config YAML < flags), one-line errors
+    distributed     ranks, process group, collectives, seeds, print0
+    batches         GlobalBatchSampler (the global data position), load_batch, the phase's prepared data
+    modeling        build_model (preset or checkpoint, LoRA), wrap_model (checkpointing, compile, DDP), references
+    optim           AdamW groups, cosine_lr, autocast, GradScaler, gradient accumulation, optimizer_step
+    reporting       RunLogger (console line, progress bar, metrics.jsonl, wandb), FLOPs and MFU
+    evaluation      validation loss, --eval_tasks accuracy, sample completions
+    sequences       per-token log-probs through the fused kernel, rollouts (RL and make_pairs)
+    rewards         reward functions (--reward_funcs) and reward models (RL and make_pairs)
+    checkpointing   Hugging Face checkpoints with resume state beside them, written atomically; exact resume
+"""

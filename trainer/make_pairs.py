@@ -20,7 +20,7 @@ Prompts come through the rlaif phase like every RL trainer's (config/data/rlaif/
 of {"prompt"} or {"messages"} with the fields the rewards read, e.g. "task" and "answer"); the training split of the
 prepared mixture is used. Each prompt is answered --samples_per_prompt times (runtime.rollout, batched, sampled at
 --temperature / --top_k / --top_p); answers that run out of --max_new_tokens before <|im_end|> are left out unless
---keep_unfinished. The answers are scored with --reward_funcs / --reward_weights (eval/rewards.py: exact_answer,
+--keep_unfinished. The answers are scored with --reward_funcs / --reward_weights (trainer/rewards.py: exact_answer,
 format, tiered, length_penalty, or module:function). The highest-scoring answer becomes `chosen`, the lowest
 `rejected` (the first of equals); a prompt whose answers all score within --min_score_gap of each other teaches
 nothing and is skipped (counted).
@@ -40,15 +40,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitrain.dataset.mixer import format_summary, write_atomic
+from minitrain.dataset.files import write_atomic
+from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.prompts import PromptDataset
-from minitrain.eval.rewards import RewardError, parse_reward_flags
 from minitrain.model.checkpoint import check_model_dir, load_tokenizer, load_weights
 from minitrain.model.config import ConfigError, load_model_config
 from minitrain.model.transformer import CausalLM
-from minitrain.trainer.runtime import (USER_ERRORS, FlagError, all_gather_bytes, autocast_context, cleanup_distributed,
-                                       fail, parse_config, prepare_phase_data, print0, resolve_dtype, rollout,
-                                       seed_everything, setup_distributed)
+from minitrain.trainer import batches, distributed, optim, sequences
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, fail, parse_config
+from minitrain.trainer.distributed import print0
+from minitrain.trainer.rewards import RewardError, parse_reward_flags
 
 
 @dataclass
@@ -141,7 +142,7 @@ def make_pairs(prompts: PromptDataset, indices: list[int], model, tokenizer, rew
     for start in range(0, len(jobs), cfg.generation_batch_size):
         chunk = jobs[start:start + cfg.generation_batch_size]
         with amp:
-            out = rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
+            out = sequences.rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
                           tokenizer.eos_id, tokenizer.pad_id, generator=generator, top_k=cfg.top_k, top_p=cfg.top_p)
         completions += [tokenizer.decode(c) for c in out.completions]
         finished += out.finished.tolist()
@@ -165,25 +166,25 @@ def select_pair(record: dict, cfg: PairsConfig) -> tuple[int, int] | str:
 
 
 def run(cfg: PairsConfig) -> None:
-    dist = setup_distributed(cfg.device)
+    dist = distributed.setup_distributed(cfg.device)
     reward = parse_reward_flags(cfg.reward_funcs, cfg.reward_weights)
-    seed_everything(cfg.seed)
+    distributed.seed_everything(cfg.seed)
     model, tokenizer = load_policy(cfg, dist.device)
     print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}")
-    data = prepare_phase_data("rlaif", cfg, tokenizer, dist)
+    data = batches.prepare_phase_data("rlaif", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
     print0(f"prompts: {prompts.describe()}")
     total = min(len(prompts), cfg.max_prompts) if cfg.max_prompts else len(prompts)
     mine = list(range(dist.rank, total, dist.world_size))
-    amp = autocast_context(dist.device, resolve_dtype(cfg.dtype, dist.device))
+    amp = optim.autocast_context(dist.device, optim.resolve_dtype(cfg.dtype, dist.device))
     generator = torch.Generator(dist.device).manual_seed(cfg.seed + dist.rank)
     print0(f"sampling {cfg.samples_per_prompt} answers to each of {total:,} prompts ({dist.world_size} rank(s))")
 
     started = time.time()
     records = make_pairs(prompts, mine, model, tokenizer, reward, cfg, amp, generator)
     payload = torch.frombuffer(bytearray(json.dumps(records).encode()), dtype=torch.uint8)
-    gathered = all_gather_bytes(payload, dist.device)        # every rank's records, as JSON bytes (nothing pickled)
+    gathered = distributed.all_gather_bytes(payload, dist.device)        # every rank's records, as JSON bytes (nothing pickled)
     seconds = time.time() - started
     if dist.is_main:
         records = sorted((r for chunk in gathered for r in json.loads(bytes(chunk.tolist()))), key=lambda r: r["i"])
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS + (RewardError,) as e:
         fail(str(e))
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

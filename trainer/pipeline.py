@@ -36,8 +36,8 @@ import time
 
 import yaml
 
+from minitrain import REPO_ROOT
 from minitrain.eval.cli import OneLineParser, UsageError
-from minitrain.model.config import REPO_ROOT
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "config", "pipeline", "default.yaml")
 

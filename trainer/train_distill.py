@@ -100,25 +100,21 @@ from functools import partial
 import torch
 
 from minitrain.dataset.chat import IGNORE_INDEX, ChatDataset, collate_chat
+from minitrain.dataset.files import write_atomic
 from minitrain.dataset.jsonl import DataError
-from minitrain.dataset.mixer import format_summary, load_prepared, prepare_mixture, resolve_mixture, write_atomic
+from minitrain.dataset.mixer import format_summary, load_prepared, prepare_mixture, resolve_mixture
 from minitrain.dataset.prompts import PromptDataset
 from minitrain.kernels import fused_linear_kl
 from minitrain.kernels.backend import chunk_rows
 from minitrain.model.checkpoint import check_model_dir, load_model
 from minitrain.model.config import ConfigError, load_model_config
-from minitrain.trainer.runtime import (CONFIG_DIR, DEFAULT_TOKENIZER_DIR, USER_ERRORS, FlagError, GlobalBatchSampler,
-                                       RunLogger, TrainConfig, all_gather_bytes, autocast_context, barrier, build_model,
-                                       build_optimizer, check_out_dir, check_replicas, check_same_tokenizer,
-                                       cleanup_distributed, collate_samples, cosine_lr, evaluate_loss,
-                                       evaluate_tasks_hook, fail, flops_per_token, is_distributed, load_batch,
-                                       load_packed_data, load_resume_state, make_grad_scaler, mean_over_ranks,
-                                       on_main_rank, optimizer_step, parse_config, prepare_phase_data, print0,
-                                       print_samples, resolve_dtype, restore_training_state, rollout,
-                                       save_training_checkpoint, seed_everything, setup_distributed, step_token_count,
-                                       sync_gradients, unwrap, wrap_model)
+from minitrain.model.transformer import unwrap
+from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
+                               reporting, sequences)
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
+from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{CONFIG_DIR}/distill.yaml"
+DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/distill.yaml"
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TOKEN_NORMALIZATIONS = ("global", "micro_batch")
 GENERATIONS_FILE = "generations.jsonl"
@@ -292,7 +288,7 @@ def student_settings(cfg: DistillConfig, teacher_vocab_size: int) -> DistillConf
     if cfg.init_from:
         return cfg
     teacher_tokenizer = os.path.join(cfg.teacher, "tokenizer.json")
-    tokenizer = cfg.tokenizer or (cfg.teacher if os.path.isfile(teacher_tokenizer) else DEFAULT_TOKENIZER_DIR)
+    tokenizer = cfg.tokenizer or (cfg.teacher if os.path.isfile(teacher_tokenizer) else configuration.DEFAULT_TOKENIZER_DIR)
     return dataclasses.replace(cfg, tokenizer=tokenizer,
                                model_overrides={"vocab_size": teacher_vocab_size, **cfg.model_overrides})
 
@@ -300,7 +296,7 @@ def student_settings(cfg: DistillConfig, teacher_vocab_size: int) -> DistillConf
 def load_teacher(cfg: DistillConfig, student, tokenizer, device: torch.device, dtype: torch.dtype):
     """The frozen teacher in eval mode, held in the run's compute dtype; ConfigError when it cannot read the student's
     token ids (another tokenizer or vocab_size) or sequences of the run's length."""
-    check_same_tokenizer(cfg.teacher, tokenizer, "teacher")
+    modeling.check_same_tokenizer(cfg.teacher, tokenizer, "teacher")
     config = load_model_config(cfg.teacher)
     if config.vocab_size != student.config.vocab_size:
         raise ConfigError(f"--teacher {cfg.teacher}: vocab_size {config.vocab_size} differs from the student's "
@@ -326,15 +322,15 @@ def load_teacher(cfg: DistillConfig, student, tokenizer, device: torch.device, d
 def teacher_answers(teacher, prompts: PromptDataset, indices: list[int], tokenizer, cfg: DistillConfig, amp,
                     generator: torch.Generator) -> list[dict]:
     """One record per prompt of `indices`: its k sampled answers, whether each stopped at EOS, and each one's score
-    under the task checker (eval.rewards.exact_answer: eval.tasks.score_row of the prompt row)."""
-    from minitrain.eval.rewards import RewardError, exact_answer
+    under the task checker (rewards.exact_answer: eval.tasks.score_row of the prompt row)."""
+    from minitrain.trainer.rewards import RewardError, exact_answer
     k = cfg.num_teacher_samples
     jobs = [i for i in indices for _ in range(k)]                       # each prompt k times, side by side
     answers, finished = [], []
     for start in range(0, len(jobs), cfg.generation_batch_size):
         chunk = jobs[start:start + cfg.generation_batch_size]
         with amp:
-            out = rollout(teacher, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
+            out = sequences.rollout(teacher, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
                           tokenizer.eos_id, tokenizer.pad_id, generator=generator)
         answers += [tokenizer.decode(c) for c in out.completions]
         finished += out.finished.tolist()
@@ -398,7 +394,7 @@ def generations_data(cfg: DistillConfig, teacher, tokenizer, dist, amp):
     if cfg.resume and os.path.isfile(path) and os.path.isfile(os.path.join(directory, GENERATIONS_MANIFEST)):
         print0(f"teacher generations: reusing {path}")
     else:
-        data = prepare_phase_data("rlaif", cfg, tokenizer, dist)
+        data = batches.prepare_phase_data("rlaif", cfg, tokenizer, dist)
         print0(format_summary(data.summary))
         prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
         total = min(len(prompts), cfg.max_prompts) if cfg.max_prompts else len(prompts)
@@ -409,7 +405,7 @@ def generations_data(cfg: DistillConfig, teacher, tokenizer, dist, amp):
         records = teacher_answers(teacher, prompts, list(range(dist.rank, total, dist.world_size)), tokenizer, cfg,
                                   amp, generator)
         payload = torch.frombuffer(bytearray(json.dumps(records).encode()), dtype=torch.uint8)
-        gathered = all_gather_bytes(payload, dist.device)   # every rank's records as JSON bytes (nothing pickled)
+        gathered = distributed.all_gather_bytes(payload, dist.device)   # every rank's records as JSON bytes (nothing pickled)
         if dist.is_main:
             records = sorted((r for chunk in gathered for r in json.loads(bytes(chunk.tolist()))),
                              key=lambda r: r["i"])
@@ -419,14 +415,14 @@ def generations_data(cfg: DistillConfig, teacher, tokenizer, dist, amp):
                    f"wrong, {c['unfinished']:,} unfinished, {c['duplicates']:,} repeated); per task: "
                    + ", ".join(f"{name} {t['kept']}/{t['generated']}" for name, t in manifest["per_task"].items())
                    + f"; wrote {path}")
-        barrier()
+        distributed.barrier()
     with open(path) as f:
         if not any(line.strip() for line in f):
             raise DataError(f"--from_teacher_generations: none of the teacher's answers passed the checker (see "
                             f"{os.path.join(directory, GENERATIONS_MANIFEST)}); raise --num_teacher_samples or "
                             f"--max_new_tokens, or use a stronger teacher")
     mixture = resolve_mixture("sft", None, path, cfg.seed)
-    on_main_rank(lambda: prepare_mixture(mixture, cfg.prepared_dir, tokenizer), dist)
+    distributed.on_main_rank(lambda: prepare_mixture(mixture, cfg.prepared_dir, tokenizer), dist)
     return load_prepared(mixture, cfg.prepared_dir)
 
 
@@ -444,7 +440,7 @@ def evaluate_distill(student, teacher, dataset, cfg: DistillConfig, dist, amp, c
     starts = list(range(0, min(len(dataset), cfg.eval_batches * cfg.batch_size), cfg.batch_size))
     totals = torch.zeros(4, device=dist.device, dtype=torch.float64)   # [sum of D_T, batches, agreeing, targets]
     for b in range(dist.rank, len(starts), dist.world_size):
-        batch = load_batch(dataset, list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset)))),
+        batch = batches.load_batch(dataset, list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset)))),
                            dist.device, collate)
         with amp:
             student_hidden, teacher_hidden, mask = both_hidden(raw, teacher, batch)
@@ -453,7 +449,7 @@ def evaluate_distill(student, teacher, dataset, cfg: DistillConfig, dist, amp, c
             agree, targets = token_agreement(student_hidden, raw.lm_head.weight, teacher_hidden,
                                              teacher.lm_head.weight, mask)
         totals += torch.tensor([div.item(), 1.0, agree, targets], device=dist.device, dtype=torch.float64)
-    if is_distributed():
+    if distributed.is_distributed():
         torch.distributed.all_reduce(totals)
     raw.train(was_training)
     return {"distill": (totals[0] / totals[1].clamp(min=1)).item(),
@@ -493,18 +489,18 @@ def ce_and_aux(out, model) -> tuple[torch.Tensor, torch.Tensor]:
 # =============================================================================================================
 
 def train(cfg: DistillConfig) -> None:
-    dist = setup_distributed(cfg.device)
-    check_out_dir(cfg)
+    dist = distributed.setup_distributed(cfg.device)
+    checkpointing.check_out_dir(cfg)
     try:
         check_model_dir(cfg.teacher)
     except ConfigError as e:
         raise ConfigError(f"--teacher {e}") from None
 
     # ---- models: the student, then the frozen teacher that must read its token ids ----
-    seed_everything(cfg.seed)
-    model, tokenizer = build_model(student_settings(cfg, load_model_config(cfg.teacher).vocab_size), dist.device)
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    amp = autocast_context(dist.device, dtype)
+    distributed.seed_everything(cfg.seed)
+    model, tokenizer = modeling.build_model(student_settings(cfg, load_model_config(cfg.teacher).vocab_size), dist.device)
+    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
+    amp = optim.autocast_context(dist.device, dtype)
     teacher = load_teacher(cfg, model, tokenizer, dist.device, dtype)
     print0(f"student: {model.num_parameters():,} parameters, "
            + (f"from {cfg.init_from}" if cfg.init_from else f"fresh {cfg.model_config}")
@@ -517,7 +513,7 @@ def train(cfg: DistillConfig) -> None:
     if cfg.from_teacher_generations:
         data = generations_data(cfg, teacher, tokenizer, dist, amp)
     else:
-        data = prepare_phase_data(cfg.data_phase, cfg, tokenizer, dist)
+        data = batches.prepare_phase_data(cfg.data_phase, cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     if cfg.data_phase == "sft":
         train_set = ChatDataset(data.train_file, tokenizer, cfg.max_seq_len)
@@ -527,26 +523,26 @@ def train(cfg: DistillConfig) -> None:
         # the prompt of each conversation's last answer, for on-policy batches
         prompt_ids = [ids[:last_answer_start(labels)] for ids, labels in train_set.conversations]
     else:
-        train_set, val_set = load_packed_data(data, tokenizer, cfg.max_seq_len, dist)
-        collate = collate_samples
+        train_set, val_set = batches.load_packed_data(data, tokenizer, cfg.max_seq_len, dist)
+        collate = batches.collate_samples
         print0(f"train: {len(train_set):,} sequences of {cfg.max_seq_len} tokens")
-    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
                                  cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation ----
-    optimizer = build_optimizer(model, cfg, dist.device)
-    scaler = make_grad_scaler(dist.device, dtype)
-    seed_everything(cfg.seed + dist.rank)          # each rank samples its own on-policy completions
+    optimizer = optim.build_optimizer(model, cfg, dist.device)
+    scaler = optim.make_grad_scaler(dist.device, dtype)
+    distributed.seed_everything(cfg.seed + dist.rank)          # each rank samples its own on-policy completions
     start_step, wandb_run_id = 0, None
     if cfg.resume:
-        resume = load_resume_state(cfg.out_dir)
-        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        resume = checkpointing.load_resume_state(cfg.out_dir)
+        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist)
     # training FLOPs of the student plus the teacher's forward pass (a third of its training FLOPs)
-    flops = flops_per_token(model, cfg.max_seq_len) + flops_per_token(teacher, cfg.max_seq_len) / 3
-    logger = RunLogger(cfg, dist, max_steps, start_step, flops, wandb_run_id)
+    flops = reporting.flops_per_token(model, cfg.max_seq_len) + reporting.flops_per_token(teacher, cfg.max_seq_len) / 3
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, flops, wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} sequences of at most {cfg.max_seq_len} tokens "
            f"({sampler.steps_per_epoch:,} steps/epoch), {dist.world_size} rank(s), "
@@ -564,18 +560,18 @@ def train(cfg: DistillConfig) -> None:
         with logger.paused():
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
                 metrics = {} if val_set is None else {
-                    "loss": evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp, collate),
+                    "loss": evaluation.evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp, collate),
                     **evaluate_distill(train_model, teacher, val_set, cfg, dist, amp, collate)}
-                metrics.update(evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
                 if dist.is_main and prompts:
-                    print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp,
+                    evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp,
                                   chat=cfg.data_phase == "sft")
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                ranks = check_replicas(train_model, dist)     # the head's gradient comes through the kernel, not DDP
+                ranks = distributed.check_replicas(train_model, dist)     # the head's gradient comes through the kernel, not DDP
                 if ranks > 1:
                     print0(f"replicas: parameters identical on {ranks} ranks")
-                save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
                                          "distill", final=last_step,
                                          metadata={"data": data.summary, "init_from": cfg.init_from,
                                                    "teacher": cfg.teacher})
@@ -590,17 +586,17 @@ def train(cfg: DistillConfig) -> None:
         # ranks) normalise every micro-batch's loss (--token_normalization global)
         micros = []
         for micro, indices in enumerate(sampler.next_step()):
-            batch = load_batch(train_set, indices, dist.device, collate)  # input_ids, labels, ...: [B, T]
+            batch = batches.load_batch(train_set, indices, dist.device, collate)  # input_ids, labels, ...: [B, T]
             ce_mask = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1)                     # [N]
             roll = None
             if is_on_policy(step * accum + micro, cfg.lmbda):
                 with amp:
-                    roll = rollout(train_model, [prompt_ids[i] for i in indices], cfg.max_new_tokens,
+                    roll = sequences.rollout(train_model, [prompt_ids[i] for i in indices], cfg.max_new_tokens,
                                    cfg.temperature, tokenizer.eos_id, tokenizer.pad_id)
             div_mask = ce_mask if roll is None else roll.completion_mask.reshape(-1) > 0        # [N']
             micros.append((indices, batch, roll, ce_mask, div_mask))
-        ce_total = step_token_count([m[3] for m in micros], dist.device)
-        div_total = step_token_count([m[4] for m in micros], dist.device)
+        ce_total = sequences.step_token_count([m[3] for m in micros], dist.device)
+        div_total = sequences.step_token_count([m[4] for m in micros], dist.device)
         for micro, (indices, batch, roll, ce_mask, mask) in enumerate(micros):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             last_micro = micro == accum - 1
@@ -608,7 +604,7 @@ def train(cfg: DistillConfig) -> None:
                                         div_total, accum, dist.world_size)
             if roll is None:
                 # off-policy: one student forward gives the CE and the hidden states the divergence reads
-                with sync_gradients(train_model, last_micro_step=last_micro):
+                with optim.sync_gradients(train_model, last_micro_step=last_micro):
                     with amp:
                         out = train_model(**batch)
                         student_hidden, teacher_hidden = predicting(out.hidden_states), teacher_states(teacher, inputs)
@@ -620,7 +616,7 @@ def train(cfg: DistillConfig) -> None:
                 # on-policy: the divergence is taken over the student's completion tokens; the CE stays on the
                 # data's answers, in a forward and backward pass of its own
                 sums["on_policy"] += 1
-                with sync_gradients(train_model, last_micro_step=False), \
+                with optim.sync_gradients(train_model, last_micro_step=False), \
                         (nullcontext() if cfg.alpha > 0 else torch.no_grad()):
                     with amp:
                         out = train_model(**batch)
@@ -628,7 +624,7 @@ def train(cfg: DistillConfig) -> None:
                     if cfg.alpha > 0:
                         scaler.scale(cfg.alpha * w_ce * ce + aux / accum).backward()
                 sampled_inputs = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask}
-                with sync_gradients(train_model, last_micro_step=last_micro):
+                with optim.sync_gradients(train_model, last_micro_step=last_micro):
                     with amp:
                         sampled = train_model(**sampled_inputs, compute_logits=False)
                         student_hidden = predicting(sampled.hidden_states)
@@ -652,8 +648,8 @@ def train(cfg: DistillConfig) -> None:
                 sums["targets"] += targets
             step_tokens += int(batch["attention_mask"].ne(0).sum()) if "attention_mask" in batch \
                 else batch["input_ids"].numel()
-        lr = cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
-        grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
         step += 1
         # tokens/s counts this rank's real (unpadded) tokens times the number of ranks: an estimate, without a sync
         logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
@@ -663,7 +659,7 @@ def train(cfg: DistillConfig) -> None:
                        "distill/on_policy": sums["on_policy"] / accum}
             if cfg.lmbda > 0:
                 metrics["completions/mean_length"] = sums["completion_tokens"] / max(sums["completions"], 1)
-            metrics = mean_over_ranks(metrics, dist.device)
+            metrics = distributed.mean_over_ranks(metrics, dist.device)
             logger.log_train(step, loss=metrics.pop("loss"), lr=lr, grad_norm=grad_norm.item(),
                              epoch=sampler.epoch_progress, show=("loss/ce", "loss/distill", "distill/agreement"),
                              **metrics)
@@ -678,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         fail(str(e))
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -63,25 +63,24 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 
+from safetensors import safe_open
+from safetensors.torch import save_file
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from minitrain.dataset.files import file_sha256
 from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.preference import PreferenceDataset, collate_pairs
 from minitrain.model.checkpoint import weight_files
-from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                                       all_gather_rows, autocast_context, broadcast_text, build_model, build_optimizer,
-                                       check_out_dir, cleanup_distributed, cosine_lr, evaluate_tasks_hook, fail,
-                                       flops_per_token, frozen_reference, gather_logprobs, has_lora, is_distributed,
-                                       load_batch, load_resume_state, make_grad_scaler, mean_over_ranks, optimizer_step,
-                                       parse_config, prepare_phase_data, print0, reference_logprobs, resolve_dtype,
-                                       restore_training_state, save_training_checkpoint, seed_everything,
-                                       setup_distributed, sync_gradients, truncate_metrics, unwrap, wrap_model)
+from minitrain.model.lora import has_lora
+from minitrain.model.transformer import unwrap
+from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
+                               reporting, sequences)
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
+from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{CONFIG_DIR}/dpo.yaml"
+DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/dpo.yaml"
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft", "rpo")
 BETA_MODES = ("fixed", "beta_dpo", "risk")
 
@@ -364,7 +363,7 @@ class BetaTracker:
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each row's answer tokens and their count: ([2B], [2B]), one forward pass of [2B, T]."""
-    logp = gather_logprobs(model, batch["input_ids"], batch["attention_mask"]).float()    # [2B, T - 1]
+    logp = sequences.gather_logprobs(model, batch["input_ids"], batch["attention_mask"]).float()    # [2B, T - 1]
     mask = batch["loss_mask"]
     return (logp * mask).sum(-1), mask.sum(-1)
 
@@ -372,7 +371,7 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def live_reference_logps(reference, model, batch: dict) -> torch.Tensor:
     """[2B] reference sums: the frozen copy, or (reference None, LoRA) the policy with its adapters off."""
-    logp = reference_logprobs(reference, model, batch["input_ids"], batch["attention_mask"]).float()
+    logp = sequences.reference_logprobs(reference, model, batch["input_ids"], batch["attention_mask"]).float()
     return (logp * batch["loss_mask"]).sum(-1)
 
 
@@ -410,12 +409,6 @@ def pair_metrics(logps: dict[str, torch.Tensor], beta0: float) -> dict[str, torc
 
 # ---- precomputed reference log-probs -------------------------------------------------------------------------
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def reference_fingerprint(data_files: dict[str, str], checkpoint: str, tokenizer_path: str, max_seq_len: int,
@@ -453,12 +446,12 @@ def compute_reference_logps(model, datasets: dict[str, PreferenceDataset], batch
         local = torch.zeros(per_rank, 2, device=dist.device)
         for start in range(0, len(mine), batch_size):
             indices = mine[start:start + batch_size]
-            batch = load_batch(data, indices, dist.device, collate)
+            batch = batches.load_batch(data, indices, dist.device, collate)
             with amp:
                 sums = live_reference_logps(None if has_lora(raw) else raw, raw, batch)
             B = len(indices)
             local[start:start + B] = torch.stack([sums[:B], sums[B:]], dim=1)
-        gathered = all_gather_rows(local[None])                                  # [W, per_rank, 2]
+        gathered = distributed.all_gather_rows(local[None])                                  # [W, per_rank, 2]
         out[split] = gathered.transpose(0, 1).reshape(-1, 2)[:len(data)].cpu()   # pair k W + r <- rank r, slot k
     raw.train(was_training)
     return out
@@ -473,7 +466,7 @@ def cached_reference_logps(path: str, fingerprint: dict, compute, dist) -> tuple
     if dist.is_main and os.path.isfile(path):
         with safe_open(path, framework="pt") as f:
             matches = "yes" if (f.metadata() or {}).get("fingerprint") == expected else "no"
-    if broadcast_text(matches, dist.device) == "yes":
+    if distributed.broadcast_text(matches, dist.device) == "yes":
         with safe_open(path, framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}, True
     tensors = compute()
@@ -481,7 +474,7 @@ def cached_reference_logps(path: str, fingerprint: dict, compute, dist) -> tuple
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": expected})
         os.replace(tmp, path)
-    if is_distributed():
+    if distributed.is_distributed():
         tdist.barrier()
     return tensors, False
 
@@ -504,7 +497,7 @@ def evaluate_preferences(model, reference: Reference, dataset: PreferenceDataset
     starts = list(range(0, min(len(dataset), cfg.eval_batches * cfg.batch_size), cfg.batch_size))
     for b in range(dist.rank, len(starts), dist.world_size):
         indices = list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset))))
-        batch = load_batch(dataset, indices, dist.device, collate)
+        batch = batches.load_batch(dataset, indices, dist.device, collate)
         with amp:
             sums, tokens = sequence_logps(raw, batch)
         logps = split_logps(sums, tokens, reference.logps(raw, batch, amp))
@@ -512,7 +505,7 @@ def evaluate_preferences(model, reference: Reference, dataset: PreferenceDataset
         metrics = {"loss": loss, **pair_metrics(logps, cfg.beta)}
         totals[:-1] += torch.stack([metrics[k].double().sum() for k in keys])
         totals[-1] += len(indices)
-    if is_distributed():
+    if distributed.is_distributed():
         tdist.all_reduce(totals)
     raw.train(was_training)
     count = max(totals[-1].item(), 1.0)
@@ -524,17 +517,17 @@ def evaluate_preferences(model, reference: Reference, dataset: PreferenceDataset
 # =============================================================================================================
 
 def train(cfg: DPOConfig) -> None:
-    dist = setup_distributed(cfg.device)
-    check_out_dir(cfg)
+    dist = distributed.setup_distributed(cfg.device)
+    checkpointing.check_out_dir(cfg)
     names, weights = parse_losses(cfg.loss_type, cfg.loss_weights)
 
     # ---- model: the policy, and the reference taken before any training (a copy, or the adapters switched off) ----
-    seed_everything(cfg.seed)
-    model, tokenizer = build_model(cfg, dist.device)
+    distributed.seed_everything(cfg.seed)
+    model, tokenizer = modeling.build_model(cfg, dist.device)
     print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}")
 
     # ---- data: pairs -> prompt + answer ids, loss on the answers ----
-    data = prepare_phase_data("dpo", cfg, tokenizer, dist)
+    data = batches.prepare_phase_data("dpo", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     train_set = PreferenceDataset(data.train_file, tokenizer, cfg.max_seq_len)
     val_set = PreferenceDataset(data.val_file, tokenizer, cfg.max_seq_len) if data.val_file else None
@@ -542,11 +535,11 @@ def train(cfg: DPOConfig) -> None:
     if val_set is not None:
         print0(f"validation: {val_set.describe()}")
     collate = partial(collate_pairs, pad_id=tokenizer.pad_id)
-    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
                                  cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    amp = autocast_context(dist.device, dtype)
+    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
+    amp = optim.autocast_context(dist.device, dtype)
 
     if cfg.reference_free:
         reference = Reference("none")
@@ -568,27 +561,27 @@ def train(cfg: DPOConfig) -> None:
         reference = Reference("adapters_off")
         print0("reference: the policy with its LoRA adapters off (no copy)")
     else:
-        reference = Reference("copy", frozen_reference(model))
+        reference = Reference("copy", modeling.frozen_reference(model))
         print0("reference: a frozen copy of the starting policy")
 
     # ---- optimisation ----
-    optimizer = build_optimizer(model, cfg, dist.device)
-    scaler = make_grad_scaler(dist.device, dtype)
+    optimizer = optim.build_optimizer(model, cfg, dist.device)
+    scaler = optim.make_grad_scaler(dist.device, dtype)
     tracker = BetaTracker(cfg)
-    seed_everything(cfg.seed + dist.rank)
+    distributed.seed_everything(cfg.seed + dist.rank)
     start_step, wandb_run_id = 0, None
     margins_path = os.path.join(cfg.out_dir, "margins.jsonl")
     if cfg.resume:
-        resume = load_resume_state(cfg.out_dir)
-        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        resume = checkpointing.load_resume_state(cfg.out_dir)
+        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
         if resume.method_state:
             tracker.load_state_dict(resume.method_state)
             print0(f"beta tracker restored: {tracker.state_dict()}")
         if dist.is_main:
-            truncate_metrics(margins_path, resume.step)
-    train_model = wrap_model(model, cfg, dist)
-    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, cfg.max_seq_len), wandb_run_id)
+            checkpointing.truncate_metrics(margins_path, resume.step)
+    train_model = modeling.wrap_model(model, cfg, dist)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len), wandb_run_id)
     logger.log_data(data.summary)
     losses = " + ".join(f"{w:g} x {n}" for n, w in zip(names, weights))
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} pairs of at most {cfg.max_seq_len} tokens a "
@@ -604,10 +597,10 @@ def train(cfg: DPOConfig) -> None:
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
                 metrics = {} if val_set is None else evaluate_preferences(train_model, reference, val_set, cfg, names,
                                                                           weights, collate, dist, amp)
-                metrics.update(evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
                                          "dpo", metadata={"data": data.summary, "init_from": cfg.init_from,
                                                           "reference": reference.kind},
                                          final=last_step, method_state=tracker.state_dict())
@@ -617,9 +610,9 @@ def train(cfg: DPOConfig) -> None:
         sums = {}
         step_tokens, margin_rows = 0, []
         for micro, indices in enumerate(sampler.next_step()):
-            batch = load_batch(train_set, indices, dist.device, collate)
+            batch = batches.load_batch(train_set, indices, dist.device, collate)
             step_tokens += int(batch["attention_mask"].sum())
-            with sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
+            with optim.sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
                 with amp:
                     policy_sums, tokens = sequence_logps(train_model, batch)         # [2B], one forward of [2B, T]
                 logps = split_logps(policy_sums, tokens, reference.logps(train_model, batch, amp))
@@ -627,7 +620,7 @@ def train(cfg: DPOConfig) -> None:
                 if cfg.beta_mode == "fixed":        # no statistics needed: no collective, no host sync
                     beta, keep_all = cfg.beta, torch.ones(dist.world_size * B, dtype=torch.bool)
                 else:                               # from the gaps of this micro-step's pairs on every rank
-                    gaps = all_gather_rows(implicit_gap(logps["pc"], logps["pr"], logps["rc"], logps["rr"]).detach())
+                    gaps = distributed.all_gather_rows(implicit_gap(logps["pc"], logps["pr"], logps["rc"], logps["rr"]).detach())
                     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)
                     beta, keep_all = tracker.step(gaps, generator)
                 keep = keep_all[dist.rank * B:(dist.rank + 1) * B].to(dist.device).float()
@@ -644,14 +637,14 @@ def train(cfg: DPOConfig) -> None:
                 m = pair_metrics(logps, cfg.beta)
                 margin_rows.append(torch.stack([batch["index"].double(), m["rewards/margins"].double(),
                                                 m["rewards/chosen"].double(), m["rewards/rejected"].double()], 1))
-        lr = cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
-        grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
         step += 1
         logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
         if cfg.log_margins:
-            write_margins(margins_path, step, all_gather_rows(torch.cat(margin_rows)), dist)
+            write_margins(margins_path, step, distributed.all_gather_rows(torch.cat(margin_rows)), dist)
         if step % cfg.log_interval == 0 or step == max_steps:
-            metrics = mean_over_ranks({k: v.item() for k, v in sums.items()}, dist.device)
+            metrics = distributed.mean_over_ranks({k: v.item() for k, v in sums.items()}, dist.device)
             if cfg.beta_mode != "fixed":
                 metrics.update({"gap/running_mean": tracker.mean, "gap/running_std": tracker.std,
                                 "gap/quantile": tracker.quantile})
@@ -679,7 +672,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         fail(str(e))
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Defaults come from config/train/grpo.yaml. One step of the loop:
 
   rollout     batch_size * accumulation_steps prompts per rank (phase rlaif: {"prompt" or "messages", "answer",
               ...}), G = --num_generations completions each, sampled with the KV cache and the fused sampler at
-              the scheduled temperature; each scored by the reward functions (eval/rewards.py) and/or a reward
+              the scheduled temperature; each scored by the reward functions (trainer/rewards.py) and/or a reward
               model (--reward_model, trainer/train_reward.py).
               --filter_zero_std_groups (dynamic sampling, DAPO): groups whose G rewards are all equal carry no
               signal; they are dropped and fresh prompts are rolled out until the batch is full (at most
@@ -46,19 +46,14 @@ import torch
 
 from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.prompts import PromptDataset
-from minitrain.eval.rewards import RewardError, parse_reward_flags
-from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                                       autocast_context, build_model, build_optimizer, check_out_dir, check_replicas,
-                                       cleanup_distributed, clipped_surrogate, cosine_lr, evaluate_tasks_hook, fail,
-                                       flops_per_token, frozen_reference, gather_logprobs, is_distributed, k3_kl,
-                                       linear_schedule, load_frozen_reward_model, load_resume_state, make_grad_scaler,
-                                       mean_over_ranks, optimizer_step, pack_sequences, parse_config,
-                                       prepare_phase_data, print0, reference_logprobs, resolve_dtype,
-                                       restore_training_state, reward_model_scores, rollout, save_training_checkpoint,
-                                       seed_everything, setup_distributed, step_token_count, sync_gradients,
-                                       wrap_model)
+from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
+                               reporting, sequences)
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
+from minitrain.trainer.distributed import print0
+from minitrain.trainer.rewards import RewardError, load_frozen_reward_model, parse_reward_flags, reward_model_scores
+from minitrain.trainer.train_ppo import clipped_surrogate
 
-DEFAULTS_YAML = f"{CONFIG_DIR}/grpo.yaml"
+DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/grpo.yaml"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -164,13 +159,27 @@ def batch_reward_std(rewards: torch.Tensor) -> float:
     far from zero (0 at an offset of 1000 in float32), and advantages must not move when every reward shifts."""
     r = rewards.double()                                                          # [n] this rank's rewards
     stats = torch.stack([r.sum(), torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)])
-    if is_distributed():
+    if distributed.is_distributed():
         torch.distributed.all_reduce(stats)
     mean, n = stats[0] / stats[1], stats[1].item()
     squares = ((r - mean) ** 2).sum()
-    if is_distributed():
+    if distributed.is_distributed():
         torch.distributed.all_reduce(squares)
     return math.sqrt(squares.item() / max(1.0, n - 1))
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi: exp(ref - logp) - (ref - logp) - 1 >= 0.
+
+    Unbiased, low variance ("k3", Schulman 2020, http://joschu.net/blog/kl-approx.html); GRPO's KL term
+    (Shao et al. 2024, arXiv 2402.03300). Where mask is 0 the gap is set to 0 BEFORE the exp (the term is then 0
+    there, and so is its gradient): a gap above ~88 nats at a prompt or padding column would otherwise give
+    exp = inf, and inf * 0 = NaN in the masked loss and its gradient.
+    """
+    delta = ref_logp - logp
+    if mask is not None:
+        delta = torch.where(mask.bool(), delta, 0.0)
+    return torch.exp(delta) - delta - 1
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int,
@@ -199,7 +208,7 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
 def current_temperature(cfg: GRPOConfig, step: int) -> float:
     if cfg.temperature_start is None:
         return cfg.temperature
-    return linear_schedule(step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_warmup_steps)
+    return optim.linear_schedule(step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_warmup_steps)
 
 
 # =============================================================================================================
@@ -232,7 +241,7 @@ def roll_out_groups(model, prompts: PromptDataset, indices: list[int], tokenizer
     for start in range(0, len(flat), cfg.generation_batch_size):
         chunk = flat[start:start + cfg.generation_batch_size]
         with amp:
-            out = rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, temperature,
+            out = sequences.rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, temperature,
                           tokenizer.eos_id, tokenizer.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)
         completions += out.completions
         finished += out.finished.tolist()
@@ -256,7 +265,7 @@ def roll_out_groups(model, prompts: PromptDataset, indices: list[int], tokenizer
 
 def any_rank(flag: bool, device) -> bool:
     """True on every rank when `flag` is true on at least one (so that all ranks take the same branch)."""
-    if not is_distributed():
+    if not distributed.is_distributed():
         return flag
     value = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
@@ -268,44 +277,44 @@ def any_rank(flag: bool, device) -> bool:
 # =============================================================================================================
 
 def train(cfg: GRPOConfig) -> None:
-    dist = setup_distributed(cfg.device)
-    check_out_dir(cfg)
+    dist = distributed.setup_distributed(cfg.device)
+    checkpointing.check_out_dir(cfg)
     reward = parse_reward_flags(cfg.reward_funcs, cfg.reward_weights) if cfg.reward_funcs.strip() else None
     G = cfg.num_generations
     epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
 
     # ---- model, and the reference the KL term pulls toward ----
-    seed_everything(cfg.seed)
-    model, tokenizer = build_model(cfg, dist.device)
-    reference = frozen_reference(model) if cfg.beta > 0 else None
+    distributed.seed_everything(cfg.seed)
+    model, tokenizer = modeling.build_model(cfg, dist.device)
+    reference = modeling.frozen_reference(model) if cfg.beta > 0 else None
     reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device) if cfg.reward_model else None
     print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}; reference: "
            + ("none (beta 0)" if cfg.beta == 0 else "the base with LoRA adapters off" if reference is None
               else "a frozen copy"))
 
     # ---- data: prompts with verifiable answers ----
-    data = prepare_phase_data("rlaif", cfg, tokenizer, dist)
+    data = batches.prepare_phase_data("rlaif", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
     print0(f"prompts: {prompts.describe()}")
-    sampler = GlobalBatchSampler(len(prompts), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
+    sampler = batches.GlobalBatchSampler(len(prompts), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
                                  cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation ----
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    amp = autocast_context(dist.device, dtype)
-    optimizer = build_optimizer(model, cfg, dist.device)
-    scaler = make_grad_scaler(dist.device, dtype)
-    seed_everything(cfg.seed + dist.rank)          # each rank samples its own completions
+    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
+    amp = optim.autocast_context(dist.device, dtype)
+    optimizer = optim.build_optimizer(model, cfg, dist.device)
+    scaler = optim.make_grad_scaler(dist.device, dtype)
+    distributed.seed_everything(cfg.seed + dist.rank)          # each rank samples its own completions
     start_step, wandb_run_id = 0, None
     if cfg.resume:
-        resume = load_resume_state(cfg.out_dir)
-        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        resume = checkpointing.load_resume_state(cfg.out_dir)
+        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist)
     seq_len = cfg.max_prompt_length + cfg.max_new_tokens
-    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len), wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} prompts x {G} completions, "
            f"{cfg.num_iterations} update(s) each, loss {cfg.loss_type}, beta {cfg.beta:g}, {dist.world_size} "
@@ -317,12 +326,12 @@ def train(cfg: GRPOConfig) -> None:
         just_resumed = cfg.resume and step == start_step
         with logger.paused():
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
-                logger.log_eval(step, evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                logger.log_eval(step, evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                ranks = check_replicas(train_model, dist)
+                ranks = distributed.check_replicas(train_model, dist)
                 if ranks > 1:
                     print0(f"replicas: parameters identical on {ranks} ranks")
-                save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
                                          "grpo", metadata={"data": data.summary, "init_from": cfg.init_from},
                                          final=last_step)
         if last_step:
@@ -353,7 +362,7 @@ def train(cfg: GRPOConfig) -> None:
         micro_batches = []
         for m in range(cfg.accumulation_steps):
             groups = batch[m * cfg.batch_size:(m + 1) * cfg.batch_size]
-            ids, attention, mask, _ = pack_sequences([prompts.ids[g.prompt] for g in groups for _ in range(G)],
+            ids, attention, mask, _ = sequences.pack_sequences([prompts.ids[g.prompt] for g in groups for _ in range(G)],
                                                      [c for g in groups for c in g.completions], tokenizer.pad_id,
                                                      dist.device)
             if cfg.mask_truncated_completions:
@@ -363,20 +372,20 @@ def train(cfg: GRPOConfig) -> None:
             micro = {"ids": ids, "attention": attention, "mask": mask, "advantages": advantages[rows, None]}
             with torch.no_grad(), amp:
                 if cfg.num_iterations > 1:
-                    micro["old"] = gather_logprobs(train_model, ids, attention, temperature).float()
+                    micro["old"] = sequences.gather_logprobs(train_model, ids, attention, temperature).float()
                 if cfg.beta > 0:
-                    micro["ref"] = reference_logprobs(reference, train_model, ids, attention, temperature).float()
+                    micro["ref"] = sequences.reference_logprobs(reference, train_model, ids, attention, temperature).float()
             micro_batches.append(micro)
-        tokens_in_step = step_token_count([mb["mask"] for mb in micro_batches], dist.device)     # all ranks (dapo)
+        tokens_in_step = sequences.step_token_count([mb["mask"] for mb in micro_batches], dist.device)     # all ranks (dapo)
 
         # ---- 4. num_iterations optimizer steps on the batch ----
         sums = {"kl": 0.0, "entropy": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "loss": 0.0}
         # (the logged loss is the token mean of the per-token loss, whatever --loss_type aggregates)
         for iteration in range(cfg.num_iterations):
             for m, mb in enumerate(micro_batches):
-                with sync_gradients(train_model, last_micro_step=m == len(micro_batches) - 1):
+                with optim.sync_gradients(train_model, last_micro_step=m == len(micro_batches) - 1):
                     with amp:
-                        logp, entropy = gather_logprobs(train_model, mb["ids"], mb["attention"], temperature,
+                        logp, entropy = sequences.gather_logprobs(train_model, mb["ids"], mb["attention"], temperature,
                                                         with_entropy=True)
                     logp = logp.float()
                     old = mb["old"] if "old" in mb else logp.detach()
@@ -394,9 +403,9 @@ def train(cfg: GRPOConfig) -> None:
                 sums["clip_low"] += float((low.float() * mb["mask"]).sum())
                 sums["clip_high"] += float((high.float() * mb["mask"]).sum())
                 sums["tokens"] += float(mb["mask"].sum())
-            lr = cosine_lr(step * cfg.num_iterations + iteration, max_steps * cfg.num_iterations, cfg.warmup_steps,
+            lr = optim.cosine_lr(step * cfg.num_iterations + iteration, max_steps * cfg.num_iterations, cfg.warmup_steps,
                            cfg.learning_rate, cfg.min_lr_ratio)
-            grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+            grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
         step += 1
         train_tokens = sum(int(mb["attention"].sum()) for mb in micro_batches) * cfg.num_iterations
         logger.tick(tokens=train_tokens * dist.world_size, samples=sampler.global_batch * G)
@@ -418,7 +427,7 @@ def train(cfg: GRPOConfig) -> None:
                 scores = torch.tensor([s for g in batch for s in g.per_function[name]])
                 metrics[f"rewards/{name}/mean"] = scores.mean().item()
                 metrics[f"rewards/{name}/std"] = scores.std().item() if len(scores) > 1 else 0.0
-            metrics = mean_over_ranks(metrics, dist.device)
+            metrics = distributed.mean_over_ranks(metrics, dist.device)
             metrics["rollout_tokens_per_sec"] *= dist.world_size      # the ranks generate side by side
             loss_value = metrics.pop("loss")
             logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
@@ -434,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS + (RewardError,) as e:
         fail(str(e))
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -66,22 +66,17 @@ import torch.nn as nn
 
 from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.prompts import PromptDataset
-from minitrain.eval.rewards import RewardError, parse_reward_flags
 from minitrain.kernels import fused_linear_logprobs
 from minitrain.model.config import ConfigError
 from minitrain.model.heads import ValueHead, ValueModel, last_token_index, load_reward_model
-from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                                       autocast_context, build_model, build_optimizer, check_out_dir, check_replicas,
-                                       check_same_tokenizer, cleanup_distributed, clipped_surrogate, cosine_lr,
-                                       evaluate_tasks_hook, fail, flops_per_token, frozen_reference, gather_logprobs,
-                                       is_distributed, load_frozen_reward_model, load_resume_state, make_grad_scaler,
-                                       masked_mean, mean_over_ranks, optimizer_state_dict, optimizer_state_tensors,
-                                       optimizer_step, pack_sequences, param_groups, parse_config, prepare_phase_data,
-                                       print0, reference_logprobs, resolve_dtype, restore_training_state, rollout,
-                                       save_training_checkpoint, seed_everything, setup_distributed, sync_gradients,
-                                       unwrap, wrap_model)
+from minitrain.model.transformer import unwrap
+from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
+                               reporting, sequences)
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
+from minitrain.trainer.distributed import print0
+from minitrain.trainer.rewards import RewardError, load_frozen_reward_model, parse_reward_flags
 
-DEFAULTS_YAML = f"{CONFIG_DIR}/ppo.yaml"
+DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/ppo.yaml"
 
 
 @dataclass
@@ -200,6 +195,28 @@ class PPOConfig(TrainConfig):
 # The math: pure functions on tensors (tests/test_ppo.py checks each against its formula)
 # =============================================================================================================
 
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
+                      epsilon_high: float, mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token, as a loss (Schulman et al. 2017, arXiv 1707.06347), with DAPO's separate
+    upper bound (Yu et al. 2025, arXiv 2503.14476):
+
+        ratio = exp(logp - old_logp)
+        loss  = -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)
+
+    Returns (loss [B, T], low_clipped [B, T], high_clipped [B, T]): where the clip bound is active, i.e. the ratio
+    fell below 1 - epsilon_low with A < 0, or rose above 1 + epsilon_high with A > 0 (TRL's clip_ratio metrics).
+    Where mask is 0 the log-ratio is set to 0 before the exp (ratio 1, no clip, no gradient), as in k3_kl.
+    """
+    log_ratio = logp - old_logp if mask is None else torch.where(mask.bool(), logp - old_logp, 0.0)   # [B, T]
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    low = (ratio < 1 - epsilon_low) & (advantages < 0)
+    high = (ratio > 1 + epsilon_high) & (advantages > 0)
+    return loss, low, high
+
+
 def per_token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
                       kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards [B, T], kl [B, T]) of completions with scores [B] and per-token log-probs [B, T] (mask: completion).
@@ -242,12 +259,12 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, across_ranks: bool = Tru
     keep = mask.bool()
     x = torch.where(keep, x.double(), 0.0)                                     # [B, T]; padding never enters
     stats = torch.stack([x.sum(), keep.sum().double()])
-    if across_ranks and is_distributed():
+    if across_ranks and distributed.is_distributed():
         torch.distributed.all_reduce(stats)
     total, n = stats.tolist()
     mean = total / max(n, 1.0)
     squares = torch.where(keep, (x - mean) ** 2, 0.0).sum()
-    if across_ranks and is_distributed():
+    if across_ranks and distributed.is_distributed():
         torch.distributed.all_reduce(squares)
     return mean, squares.item() / max(n - 1.0, 1.0)                                 # Bessel's correction
 
@@ -315,7 +332,7 @@ def policy_forward(train_model, value_head, ids, attention, temperature: float, 
     head (--shared_critic) its values come from the same forward pass: the head reads the policy's hidden states.
     The forward goes through the DDP wrappers, so gradients are all-reduced."""
     if value_head is None:
-        out = gather_logprobs(train_model, ids, attention, temperature, with_entropy=with_entropy)
+        out = sequences.gather_logprobs(train_model, ids, attention, temperature, with_entropy=with_entropy)
         logp, entropy = out if with_entropy else (out, None)
         return logp.float(), None if entropy is None else entropy.float(), None
     hidden = train_model(ids, attention_mask=attention, compute_logits=False).hidden_states[:, :-1]   # [B, T-1, H]
@@ -355,7 +372,7 @@ def build_critic(cfg: PPOConfig, model: nn.Module, tokenizer, device) -> nn.Modu
     """The separate critic: a ValueModel on a copy of the policy's trunk, or on a reward model's (--critic_from);
     under LoRA its trunk is frozen with adapters of its own (the copy keeps the policy's; --critic_from gets new)."""
     if cfg.critic_from:
-        check_same_tokenizer(cfg.critic_from, tokenizer, "critic_from")
+        modeling.check_same_tokenizer(cfg.critic_from, tokenizer, "critic_from")
         source, _ = load_reward_model(cfg.critic_from, device, with_tokenizer=False)
         if source.config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"--critic_from {cfg.critic_from}: vocab_size {source.config.vocab_size} is smaller "
@@ -375,14 +392,14 @@ def build_critic(cfg: PPOConfig, model: nn.Module, tokenizer, device) -> nn.Modu
 # =============================================================================================================
 
 def train(cfg: PPOConfig) -> None:
-    dist = setup_distributed(cfg.device)
-    check_out_dir(cfg)
+    dist = distributed.setup_distributed(cfg.device)
+    checkpointing.check_out_dir(cfg)
     reward = parse_reward_flags(cfg.reward_funcs, cfg.reward_weights) if cfg.reward_funcs.strip() else None
 
     # ---- policy, reference, reward model, critic ----
-    seed_everything(cfg.seed)
-    model, tokenizer = build_model(cfg, dist.device)
-    reference = frozen_reference(model)
+    distributed.seed_everything(cfg.seed)
+    model, tokenizer = modeling.build_model(cfg, dist.device)
+    reference = modeling.frozen_reference(model)
     reward_model = None
     if cfg.reward_model:
         reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device)
@@ -397,35 +414,35 @@ def train(cfg: PPOConfig) -> None:
            + (f"; reward model: {cfg.reward_model}" if reward_model is not None else ""))
 
     # ---- data: prompts ----
-    data = prepare_phase_data("rlaif", cfg, tokenizer, dist)
+    data = batches.prepare_phase_data("rlaif", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
     print0(f"prompts: {prompts.describe()}")
-    sampler = GlobalBatchSampler(len(prompts), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
+    sampler = batches.GlobalBatchSampler(len(prompts), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
                                  cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation: the policy's optimizer (+ the shared value head), the critic's own ----
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    amp = autocast_context(dist.device, dtype)
-    optimizer = build_optimizer(model, cfg, dist.device)
+    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
+    amp = optim.autocast_context(dist.device, dtype)
+    optimizer = optim.build_optimizer(model, cfg, dist.device)
     if value_head is not None:
-        for group in param_groups(value_head, cfg.weight_decay):
+        for group in optim.param_groups(value_head, cfg.weight_decay):
             optimizer.add_param_group(group)
-    scaler = make_grad_scaler(dist.device, dtype)
+    scaler = optim.make_grad_scaler(dist.device, dtype)
     critic_optimizer = critic_scaler = None
     if critic is not None:
-        critic_optimizer = build_optimizer(critic, cfg, dist.device)
-        critic_scaler = make_grad_scaler(dist.device, dtype)
+        critic_optimizer = optim.build_optimizer(critic, cfg, dist.device)
+        critic_scaler = optim.make_grad_scaler(dist.device, dtype)
     critic_lr = cfg.critic_learning_rate or cfg.learning_rate
     # the value loss's weight: beside the policy's in the shared trunk; alone (1) in a separate critic's optimizer
     vf_coef = (0.1 if cfg.vf_coef is None else cfg.vf_coef) if cfg.shared_critic else 1.0
     kl_coef = cfg.kl_coef
-    seed_everything(cfg.seed + dist.rank)          # each rank samples its own completions
+    distributed.seed_everything(cfg.seed + dist.rank)          # each rank samples its own completions
     start_step, wandb_run_id = 0, None
     if cfg.resume:
-        resume = load_resume_state(cfg.out_dir)
-        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        resume = checkpointing.load_resume_state(cfg.out_dir)
+        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
         state, tensors = resume.method_state or {}, resume.method_tensors
         if state.get("critic") != ("shared" if cfg.shared_critic else "separate"):
@@ -437,20 +454,20 @@ def train(cfg: PPOConfig) -> None:
                              {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, "critic")
         if critic is not None:
             opt = {k[len("critic_"):]: v for k, v in tensors.items() if k.startswith("critic_optimizer.")}
-            critic_optimizer.load_state_dict(optimizer_state_dict(opt, state["critic_optimizer_param_groups"],
+            critic_optimizer.load_state_dict(checkpointing.optimizer_state_dict(opt, state["critic_optimizer_param_groups"],
                                                                   state["critic_optimizer_scalars"]))
             critic_scaler.load_state_dict(state["critic_scaler"])
         print0(f"critic restored ({len(trainable_state(value_head or critic)):,} tensors), kl_coef {kl_coef:.4g}")
-    train_model = wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist)
     if critic is not None:
-        train_critic = wrap_model(critic, cfg, dist)
+        train_critic = modeling.wrap_model(critic, cfg, dist)
     else:        # the shared value head gets a DDP wrapper of its own (its gradients do not pass the policy's)
         train_critic = (nn.parallel.DistributedDataParallel(value_head, device_ids=[dist.device.index]
                                                             if dist.device.type == "cuda" else None)
                         if dist.world_size > 1 else value_head)
     shared_head = train_critic if cfg.shared_critic else None
     seq_len = cfg.max_prompt_length + cfg.max_new_tokens
-    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len), wandb_run_id)
     logger.log_data(data.summary)
     rows_per_rank = cfg.batch_size * cfg.accumulation_steps
     mini_rows = rows_per_rank // cfg.num_mini_batches
@@ -464,7 +481,7 @@ def train(cfg: PPOConfig) -> None:
         tensors = {("value_head." if cfg.shared_critic else "critic.") + name: p
                    for name, p in trainable_state(train_critic).items()}
         if critic_optimizer is not None:
-            opt_tensors, groups, scalars = optimizer_state_tensors(critic_optimizer)
+            opt_tensors, groups, scalars = checkpointing.optimizer_state_tensors(critic_optimizer)
             tensors.update({f"critic_{k}": v for k, v in opt_tensors.items()})
             state.update(critic_optimizer_param_groups=groups, critic_optimizer_scalars=scalars,
                          critic_scaler=critic_scaler.state_dict())
@@ -476,13 +493,13 @@ def train(cfg: PPOConfig) -> None:
         just_resumed = cfg.resume and step == start_step
         with logger.paused():
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
-                logger.log_eval(step, evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                logger.log_eval(step, evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                ranks = min(check_replicas(train_model, dist), check_replicas(train_critic, dist))
+                ranks = min(distributed.check_replicas(train_model, dist), distributed.check_replicas(train_critic, dist))
                 if ranks > 1:
                     print0(f"replicas: policy and critic parameters identical on {ranks} ranks")
                 method_state, method_tensors = method_checkpoint()
-                save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
                                          "ppo", metadata={"data": data.summary, "init_from": cfg.init_from,
                                                           "reward_model": cfg.reward_model},
                                          final=last_step, method_state=method_state, method_tensors=method_tensors)
@@ -496,12 +513,12 @@ def train(cfg: PPOConfig) -> None:
         for start in range(0, len(indices), cfg.generation_batch_size):
             chunk = indices[start:start + cfg.generation_batch_size]
             with amp:
-                out = rollout(train_model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
+                out = sequences.rollout(train_model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
                               tokenizer.eos_id, tokenizer.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)
             completions += out.completions
             finished += out.finished.tolist()
         rollout_seconds = time.time() - started
-        ids, attention, mask, _ = pack_sequences([prompts.ids[i] for i in indices], completions, tokenizer.pad_id,
+        ids, attention, mask, _ = sequences.pack_sequences([prompts.ids[i] for i in indices], completions, tokenizer.pad_id,
                                                  dist.device)
         finished_t = torch.tensor(finished, device=dist.device)
         scores = torch.zeros(len(indices), device=dist.device)
@@ -522,7 +539,7 @@ def train(cfg: PPOConfig) -> None:
                     values = critic_values(train_critic, ids[rows], attention[rows])
                 old_logp.append(logp)
                 old_values.append(values.float())
-                ref_logp.append(reference_logprobs(reference, train_model, ids[rows], attention[rows],
+                ref_logp.append(sequences.reference_logprobs(reference, train_model, ids[rows], attention[rows],
                                                    cfg.temperature).float())
                 if reward_model is not None:
                     rm_scores.append(reward_model(ids[rows], attention[rows]).float())
@@ -540,8 +557,8 @@ def train(cfg: PPOConfig) -> None:
         # ---- 4. PPO epochs over shuffled minibatches ----
         sums = {k: 0.0 for k in ("pg", "vf", "entropy", "approxkl", "clipfrac", "vclipfrac", "tokens", "vtokens")}
         epochs_run, grad_norm, critic_grad_norm = 0, torch.zeros(()), torch.zeros(())
-        lr = cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
-        lr_critic = cosine_lr(step, max_steps, cfg.warmup_steps, critic_lr, cfg.min_lr_ratio)
+        lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        lr_critic = optim.cosine_lr(step, max_steps, cfg.warmup_steps, critic_lr, cfg.min_lr_ratio)
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(rows_per_rank).tolist()
             epoch_kl = torch.zeros(2, device=dist.device, dtype=torch.float64)      # sum of approx KL, tokens
@@ -552,7 +569,7 @@ def train(cfg: PPOConfig) -> None:
                 for c, rows in enumerate(chunks):
                     m = mask[rows]
                     last_chunk = c == len(chunks) - 1
-                    with sync_gradients(train_model, last_chunk), sync_gradients(train_critic, last_chunk):
+                    with optim.sync_gradients(train_model, last_chunk), optim.sync_gradients(train_critic, last_chunk):
                         policy_part = torch.zeros((), device=dist.device)
                         if warmup:       # only the critic learns: the policy runs without gradient, if at all
                             if cfg.shared_critic:
@@ -593,22 +610,22 @@ def train(cfg: PPOConfig) -> None:
                     sums["vclipfrac"] += float((vclipped.float() * m).sum())
                     sums["vtokens"] += float(m.sum())
                 if critic is None:
-                    grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+                    grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
                 else:
                     if not warmup:
-                        grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
-                    critic_grad_norm = optimizer_step(critic_optimizer, critic_scaler, lr_critic,
+                        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+                    critic_grad_norm = optim.optimizer_step(critic_optimizer, critic_scaler, lr_critic,
                                                       cfg.critic_grad_clip)
             epochs_run += 1
             if cfg.target_approx_kl and not warmup:
-                if is_distributed():
+                if distributed.is_distributed():
                     torch.distributed.all_reduce(epoch_kl)
                 if (epoch_kl[0] / epoch_kl[1].clamp(min=1)).item() > cfg.target_approx_kl:
                     break
 
         # ---- 5. the KL coefficient for the next step ----
         objective = {"objective/kl": kl.sum(-1).mean().item(), "objective/scores": scores.mean().item()}
-        objective = mean_over_ranks(objective, dist.device)
+        objective = distributed.mean_over_ranks(objective, dist.device)
         kl_coef_used = kl_coef
         if cfg.target_kl:
             kl_coef = adaptive_kl_update(kl_coef, objective["objective/kl"], cfg.target_kl, sampler.global_batch,
@@ -622,7 +639,7 @@ def train(cfg: PPOConfig) -> None:
             metrics = {
                 "loss/value": sums["vf"] / vtokens, "val/clipfrac": sums["vclipfrac"] / vtokens,
                 "val/explained_variance": explained_variance(old_values, returns, mask),
-                "val/mean": masked_mean(old_values, mask).item(), "returns/mean": masked_mean(returns, mask).item(),
+                "val/mean": sequences.masked_mean(old_values, mask).item(), "returns/mean": sequences.masked_mean(returns, mask).item(),
                 "objective/rlhf_reward": (scores - kl_coef_used * kl.sum(-1)).mean().item(),
                 "objective/non_score_reward": (-kl_coef_used * kl.sum(-1)).mean().item(),
                 "completions/mean_length": sum(lengths) / len(lengths),
@@ -637,7 +654,7 @@ def train(cfg: PPOConfig) -> None:
                 metrics["rewards/reward_model/mean"] = rm_scores.mean().item()
             for name, values in per_function.items():
                 metrics[f"rewards/{name}/mean"] = sum(values) / len(values)
-            metrics = mean_over_ranks(metrics, dist.device)
+            metrics = distributed.mean_over_ranks(metrics, dist.device)
             metrics["rollout_tokens_per_sec"] *= dist.world_size      # the ranks generate side by side
             metrics.update(objective)
             metrics["objective/kl_coef"] = kl_coef_used
@@ -656,7 +673,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS + (RewardError,) as e:
         fail(str(e))
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -38,15 +38,11 @@ from dataclasses import dataclass, field
 import torch
 
 from minitrain.dataset.mixer import format_summary
-from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                                       all_reduce_mean, autocast_context, build_model, build_optimizer, check_out_dir,
-                                       cleanup_distributed, cosine_lr, evaluate_loss, evaluate_tasks_hook, fail,
-                                       flops_per_token, load_batch, load_packed_data, load_resume_state,
-                                       make_grad_scaler, optimizer_step, parse_config, prepare_phase_data, print0,
-                                       print_samples, resolve_dtype, restore_training_state, save_training_checkpoint,
-                                       seed_everything, setup_distributed, sync_gradients, wrap_model)
+from minitrain.trainer import batches, checkpointing, configuration, distributed, evaluation, modeling, optim, reporting
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
+from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{CONFIG_DIR}/pretrain.yaml"
+DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/pretrain.yaml"
 
 
 @dataclass
@@ -64,37 +60,37 @@ class PretrainConfig(TrainConfig):
 
 
 def train(cfg: PretrainConfig) -> None:
-    dist = setup_distributed(cfg.device)
-    check_out_dir(cfg)
+    dist = distributed.setup_distributed(cfg.device)
+    checkpointing.check_out_dir(cfg)
 
     # ---- model ----
-    seed_everything(cfg.seed)                  # the same initial weights on every rank
-    model, tokenizer = build_model(cfg, dist.device)
+    distributed.seed_everything(cfg.seed)                  # the same initial weights on every rank
+    model, tokenizer = modeling.build_model(cfg, dist.device)
     print0(f"model: {model.num_parameters():,} parameters, {model.num_parameters(active_only=True):,} active per "
            f"token ({model.config.model_type}, {model.config.num_hidden_layers} layers x {model.config.hidden_size})")
 
     # ---- data ----
-    data = prepare_phase_data("pretrain", cfg, tokenizer, dist)
+    data = batches.prepare_phase_data("pretrain", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
-    train_set, val_set = load_packed_data(data, tokenizer, cfg.max_seq_len, dist)
-    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
+    train_set, val_set = batches.load_packed_data(data, tokenizer, cfg.max_seq_len, dist)
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
                                  cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     tokens_per_step = sampler.global_batch * cfg.max_seq_len
 
     # ---- optimisation ----
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    amp = autocast_context(dist.device, dtype)
-    optimizer = build_optimizer(model, cfg, dist.device)
-    scaler = make_grad_scaler(dist.device, dtype)
-    seed_everything(cfg.seed + dist.rank)      # from here on each rank draws its own random numbers (dropout)
+    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
+    amp = optim.autocast_context(dist.device, dtype)
+    optimizer = optim.build_optimizer(model, cfg, dist.device)
+    scaler = optim.make_grad_scaler(dist.device, dtype)
+    distributed.seed_everything(cfg.seed + dist.rank)      # from here on each rank draws its own random numbers (dropout)
     start_step, wandb_run_id = 0, None
     if cfg.resume:
-        resume = load_resume_state(cfg.out_dir)
-        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        resume = checkpointing.load_resume_state(cfg.out_dir)
+        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = wrap_model(model, cfg, dist)
-    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, cfg.max_seq_len), wandb_run_id)
+    train_model = modeling.wrap_model(model, cfg, dist)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len), wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} sequences x {cfg.max_seq_len} tokens "
            f"({tokens_per_step:,} tokens/step, {sampler.steps_per_epoch:,} steps/epoch), {dist.world_size} rank(s), "
@@ -109,31 +105,31 @@ def train(cfg: PretrainConfig) -> None:
         with logger.paused():      # evaluation and saving do not count as training time
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
                 metrics = {} if val_set is None else {
-                    "loss": evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp)}
-                metrics.update(evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                    "loss": evaluation.evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp)}
+                metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
                 if dist.is_main and prompts:
-                    print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp, chat=False)
+                    evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp, chat=False)
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
                                          "pretrain", metadata={"data": data.summary}, final=last_step)
         if last_step:
             break
 
         step_loss = torch.zeros((), device=dist.device)
         for micro, indices in enumerate(sampler.next_step()):
-            batch = load_batch(train_set, indices, dist.device)           # input_ids, labels: [B, T]
-            with sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
+            batch = batches.load_batch(train_set, indices, dist.device)           # input_ids, labels: [B, T]
+            with optim.sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
                 with amp:
                     loss = train_model(**batch).loss
                 scaler.scale(loss / cfg.accumulation_steps).backward()
             step_loss += loss.detach()
-        lr = cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
-        grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
         step += 1
         logger.tick(tokens=tokens_per_step, samples=sampler.global_batch)
         if step % cfg.log_interval == 0 or step == max_steps:
-            logger.log_train(step, loss=all_reduce_mean(step_loss / cfg.accumulation_steps), lr=lr,
+            logger.log_train(step, loss=distributed.all_reduce_mean(step_loss / cfg.accumulation_steps), lr=lr,
                              grad_norm=grad_norm.item(), epoch=sampler.epoch_progress)
     logger.close()
     print0(f"done: {cfg.out_dir}/final")
@@ -146,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         fail(str(e))
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

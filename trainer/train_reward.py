@@ -54,15 +54,13 @@ from minitrain.dataset.jsonl import DataError, read_jsonl
 from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.preference import tokenize_pair
 from minitrain.model.heads import RewardModel
-from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                                       autocast_context, build_model, build_optimizer, check_out_dir,
-                                       cleanup_distributed, cosine_lr, fail, flops_per_token, has_lora, is_distributed,
-                                       load_resume_state, make_grad_scaler, mean_over_ranks, optimizer_step,
-                                       parse_config, prepare_phase_data, print0, resolve_dtype, restore_training_state,
-                                       save_training_checkpoint, seed_everything, setup_distributed, sync_gradients,
-                                       unwrap, wrap_model)
+from minitrain.model.lora import has_lora
+from minitrain.model.transformer import unwrap
+from minitrain.trainer import batches, checkpointing, configuration, distributed, modeling, optim, reporting
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
+from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{CONFIG_DIR}/reward.yaml"
+DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/reward.yaml"
 
 
 @dataclass
@@ -188,7 +186,7 @@ def evaluate_pairs(model, pairs: PairDataset, batch_size: int, num_batches: int,
         chosen, rejected, margins = pair_scores(raw, batch, pad_id, dist.device, amp)
         totals += torch.stack([bradley_terry_loss(chosen, rejected, margins).sum(), (chosen > rejected).sum(),
                                (chosen - rejected).sum(), torch.tensor(float(len(batch)), device=dist.device)]).double()
-    if is_distributed():
+    if distributed.is_distributed():
         torch.distributed.all_reduce(totals)
     raw.train(was_training)
     count = max(totals[3].item(), 1.0)
@@ -200,46 +198,46 @@ def evaluate_pairs(model, pairs: PairDataset, batch_size: int, num_batches: int,
 # =============================================================================================================
 
 def train(cfg: RewardConfig) -> None:
-    dist = setup_distributed(cfg.device)
-    check_out_dir(cfg)
+    dist = distributed.setup_distributed(cfg.device)
+    checkpointing.check_out_dir(cfg)
     if cfg.lora_rank and not cfg.merge:
         cfg.merge = True          # the adapters alone do not make a reward model: OUT_DIR/merged does
         print0("LoRA: --merge set, OUT_DIR/merged will be the reward model")
 
     # ---- model: the SFT checkpoint's trunk plus a new score head ----
-    seed_everything(cfg.seed)
-    lm, tokenizer = build_model(cfg, dist.device)
+    distributed.seed_everything(cfg.seed)
+    lm, tokenizer = modeling.build_model(cfg, dist.device)
     model = RewardModel.from_trunk(lm)          # same modules (and LoRA adapters), lm_head dropped
     del lm
     print0(f"reward model: {model.num_parameters():,} parameters, trunk from {cfg.init_from}, new score head "
            f"[1, {model.config.hidden_size}]")
 
     # ---- data: preference pairs ----
-    data = prepare_phase_data("dpo", cfg, tokenizer, dist)
+    data = batches.prepare_phase_data("dpo", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     train_set = PairDataset(data.train_file, tokenizer, cfg.max_seq_len, cfg.margin)
     val_set = PairDataset(data.val_file, tokenizer, cfg.max_seq_len, cfg.margin) if data.val_file else None
     print0(f"train: {train_set.describe()}" + (f"; validation: {val_set.describe()}" if val_set else ""))
-    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
                                  cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation ----
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    amp = autocast_context(dist.device, dtype)
-    optimizer = build_optimizer(model, cfg, dist.device)
-    scaler = make_grad_scaler(dist.device, dtype)
-    seed_everything(cfg.seed + dist.rank)
+    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
+    amp = optim.autocast_context(dist.device, dtype)
+    optimizer = optim.build_optimizer(model, cfg, dist.device)
+    scaler = optim.make_grad_scaler(dist.device, dtype)
+    distributed.seed_everything(cfg.seed + dist.rank)
     start_step, wandb_run_id = 0, None
     if cfg.resume:
-        resume = load_resume_state(cfg.out_dir)
-        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        resume = checkpointing.load_resume_state(cfg.out_dir)
+        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         if has_lora(model):        # the adapters came from the directory; the full-weight score head from here
             with torch.no_grad():
                 model.score.weight.copy_(resume.method_tensors["score.weight"])
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = wrap_model(model, cfg, dist)
-    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, cfg.max_seq_len), wandb_run_id)
+    train_model = modeling.wrap_model(model, cfg, dist)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len), wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} pairs ({sampler.steps_per_epoch:,} steps/epoch), "
            f"margin {cfg.margin:g} (rows with their own: {train_set.own_margins:,}), {dist.world_size} rank(s), "
@@ -255,7 +253,7 @@ def train(cfg: RewardConfig) -> None:
                 logger.log_eval(step, evaluate_pairs(train_model, val_set, cfg.batch_size, cfg.eval_batches,
                                                      tokenizer.pad_id, dist, amp))
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
                                          "reward", metadata={"data": data.summary, "init_from": cfg.init_from},
                                          final=last_step,
                                          method_tensors={"score.weight": model.score.weight} if has_lora(model)
@@ -266,7 +264,7 @@ def train(cfg: RewardConfig) -> None:
         sums = torch.zeros(5, device=dist.device)           # loss, correct, margin, r_chosen, r_rejected (sums)
         pairs_seen, step_tokens = 0, 0
         for micro, indices in enumerate(sampler.next_step()):
-            with sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
+            with optim.sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
                 chosen, rejected, margins_b = pair_scores(train_model, [train_set.pairs[i] for i in indices],
                                                           tokenizer.pad_id, dist.device, amp)
                 per_pair = bradley_terry_loss(chosen, rejected, margins_b)
@@ -278,12 +276,12 @@ def train(cfg: RewardConfig) -> None:
                                  rejected.sum()]).detach().float()
             pairs_seen += len(indices)
             step_tokens += sum(train_set.lengths[i] for i in indices)
-        lr = cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
-        grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
         step += 1
         logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
         if step % cfg.log_interval == 0 or step == max_steps:
-            metrics = mean_over_ranks(dict(zip(("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected"),
+            metrics = distributed.mean_over_ranks(dict(zip(("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected"),
                                                (sums / pairs_seen).tolist())), dist.device)
             loss_value = metrics.pop("loss")
             logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
@@ -300,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         fail(str(e))
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -49,16 +49,14 @@ from minitrain.dataset.chat import ChatDataset, collate_chat
 from minitrain.dataset.mixer import format_summary
 from minitrain.model.checkpoint import HEADS_PREFIX, load_decoding_heads, save_decoding_heads
 from minitrain.model.decoding_heads import (HeadsObjective, attach_decoding_heads, easy_hard_temperatures, pool,
-                                           summarize_stats)
-from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                                       all_reduce_mean, autocast_context, build_model, build_optimizer, check_out_dir,
-                                       cleanup_distributed, cosine_lr, evaluate_loss, evaluate_tasks_hook, fail,
-                                       flops_per_token, has_lora, load_batch, load_resume_state, make_grad_scaler,
-                                       mean_over_ranks, optimizer_step, parse_config, prepare_phase_data, print0,
-                                       print_samples, resolve_dtype, restore_training_state, save_training_checkpoint,
-                                       seed_everything, setup_distributed, sync_gradients, unwrap, wrap_model)
+                                            summarize_stats)
+from minitrain.model.lora import has_lora
+from minitrain.model.transformer import unwrap
+from minitrain.trainer import batches, checkpointing, configuration, distributed, evaluation, modeling, optim, reporting
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
+from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{CONFIG_DIR}/sft.yaml"
+DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/sft.yaml"
 
 
 @dataclass
@@ -167,7 +165,7 @@ def evaluate_heads(model, dataset, batch_size: int, num_batches: int, device, am
     raw.eval()
     pooled = {}
     for start in range(0, min(len(dataset), num_batches * batch_size), batch_size):
-        batch = load_batch(dataset, list(range(start, min(start + batch_size, len(dataset)))), device, collate)
+        batch = batches.load_batch(dataset, list(range(start, min(start + batch_size, len(dataset)))), device, collate)
         with amp:
             out = raw(batch["input_ids"], attention_mask=batch["attention_mask"],
                       position_ids=batch.get("position_ids"), compute_logits=False)
@@ -178,12 +176,12 @@ def evaluate_heads(model, dataset, batch_size: int, num_batches: int, device, am
 
 
 def train(cfg: SFTConfig) -> None:
-    dist = setup_distributed(cfg.device)
-    check_out_dir(cfg)
+    dist = distributed.setup_distributed(cfg.device)
+    checkpointing.check_out_dir(cfg)
 
     # ---- model ----
-    seed_everything(cfg.seed)
-    model, tokenizer = build_model(cfg, dist.device)
+    distributed.seed_everything(cfg.seed)
+    model, tokenizer = modeling.build_model(cfg, dist.device)
     print0(f"model: {model.num_parameters():,} parameters, {model.num_parameters(active_only=True):,} active per "
            f"token, from {cfg.init_from}")
     objective = None
@@ -192,32 +190,32 @@ def train(cfg: SFTConfig) -> None:
         objective = cfg.heads_objective()
 
     # ---- data: conversations -> (input_ids, labels with -100 outside assistant turns) ----
-    data = prepare_phase_data("sft", cfg, tokenizer, dist)
+    data = batches.prepare_phase_data("sft", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     train_set = ChatDataset(data.train_file, tokenizer, cfg.max_seq_len, cfg.packing)
     val_set = ChatDataset(data.val_file, tokenizer, cfg.max_seq_len, cfg.packing) if data.val_file else None
     print0(f"train: {train_set.describe()}")
     collate = partial(collate_chat, pad_id=tokenizer.pad_id)
-    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
                                  cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation ----
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    amp = autocast_context(dist.device, dtype)
-    optimizer = build_optimizer(model, cfg, dist.device)
-    scaler = make_grad_scaler(dist.device, dtype)
-    seed_everything(cfg.seed + dist.rank)
+    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
+    amp = optim.autocast_context(dist.device, dtype)
+    optimizer = optim.build_optimizer(model, cfg, dist.device)
+    scaler = optim.make_grad_scaler(dist.device, dtype)
+    distributed.seed_everything(cfg.seed + dist.rank)
     start_step, wandb_run_id = 0, None
     if cfg.resume:
-        resume = load_resume_state(cfg.out_dir)
-        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        resume = checkpointing.load_resume_state(cfg.out_dir)
+        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         if objective is not None and has_lora(model):   # adapter checkpoints keep the heads in the resume state
             heads_state = {k[len(HEADS_PREFIX):]: v for k, v in resume.method_tensors.items()}
             model.decoding_heads.load_state_dict(heads_state)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = wrap_model(model, cfg, dist)
-    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, cfg.max_seq_len), wandb_run_id)
+    train_model = modeling.wrap_model(model, cfg, dist)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len), wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} sequences of at most {cfg.max_seq_len} tokens "
            f"({sampler.steps_per_epoch:,} steps/epoch), {dist.world_size} rank(s), "
@@ -233,17 +231,17 @@ def train(cfg: SFTConfig) -> None:
         with logger.paused():
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
                 metrics = {} if val_set is None else {
-                    "loss": evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp, collate)}
+                    "loss": evaluation.evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp, collate)}
                 if objective is not None and val_set is not None and dist.is_main:
                     metrics.update(evaluate_heads(train_model, val_set, cfg.batch_size, cfg.eval_batches,
                                                   dist.device, amp, collate))
-                metrics.update(evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
                 if dist.is_main and prompts:
-                    print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp, chat=True)
+                    evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp, chat=True)
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
                 lora_heads = objective is not None and has_lora(model)
-                path = save_training_checkpoint(
+                path = checkpointing.save_training_checkpoint(
                     cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger, "sft",
                     metadata={"data": data.summary, "init_from": cfg.init_from}, final=last_step,
                     method_tensors={f"{HEADS_PREFIX}{k}": v for k, v in model.decoding_heads.state_dict().items()}
@@ -256,9 +254,9 @@ def train(cfg: SFTConfig) -> None:
         step_loss = torch.zeros((), device=dist.device)
         step_tokens = 0
         for micro, indices in enumerate(sampler.next_step()):
-            batch = load_batch(train_set, indices, dist.device, collate)    # input_ids, labels, ...: [B, T]
+            batch = batches.load_batch(train_set, indices, dist.device, collate)    # input_ids, labels, ...: [B, T]
             step_tokens += sum(train_set.lengths[i] for i in indices)
-            with sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
+            with optim.sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
                 with amp:
                     out = train_model(**batch)
                     loss = out.loss                                       # mean over this micro-batch's targets
@@ -270,15 +268,15 @@ def train(cfg: SFTConfig) -> None:
                         pool(heads_stats, stats)
                 scaler.scale(total / cfg.accumulation_steps).backward()
             step_loss += loss.detach()
-        lr = cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
-        grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
         step += 1
         # tokens/s counts this rank's real (unpadded) tokens times the number of ranks: an estimate, without a sync
         logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
         if step % cfg.log_interval == 0 or step == max_steps:
-            extra = mean_over_ranks(summarize_stats(heads_stats), dist.device) if objective is not None else {}
+            extra = distributed.mean_over_ranks(summarize_stats(heads_stats), dist.device) if objective is not None else {}
             heads_stats = {}
-            logger.log_train(step, loss=all_reduce_mean(step_loss / cfg.accumulation_steps), lr=lr,
+            logger.log_train(step, loss=distributed.all_reduce_mean(step_loss / cfg.accumulation_steps), lr=lr,
                              grad_norm=grad_norm.item(), epoch=sampler.epoch_progress, **extra)
     logger.close()
     print0(f"done: {cfg.out_dir}/final")
@@ -291,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         fail(str(e))
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -40,18 +40,15 @@ import torch
 
 from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.prompts import PromptDataset
-from minitrain.eval.rewards import RewardError, parse_reward_flags
-from minitrain.trainer.runtime import (CONFIG_DIR, USER_ERRORS, FlagError, GlobalBatchSampler, RunLogger, TrainConfig,
-                                       all_gather_bytes, autocast_context, build_model, build_optimizer, check_out_dir,
-                                       check_replicas, cleanup_distributed, clipped_surrogate, cosine_lr,
-                                       evaluate_tasks_hook, fail, flops_per_token, gather_logprobs, is_distributed,
-                                       linear_schedule, load_frozen_reward_model, load_resume_state, make_grad_scaler,
-                                       mean_over_ranks, optimizer_step, pack_sequences, parse_config,
-                                       prepare_phase_data, print0, resolve_dtype, restore_training_state,
-                                       reward_model_scores, rollout, save_training_checkpoint, seed_everything,
-                                       setup_distributed, step_token_count, sync_gradients, unwrap, wrap_model)
+from minitrain.model.transformer import unwrap
+from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
+                               reporting, sequences)
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
+from minitrain.trainer.distributed import print0
+from minitrain.trainer.rewards import RewardError, load_frozen_reward_model, parse_reward_flags, reward_model_scores
+from minitrain.trainer.train_ppo import clipped_surrogate
 
-DEFAULTS_YAML = f"{CONFIG_DIR}/spo.yaml"
+DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/spo.yaml"
 TOKEN_NORMALIZATIONS = ("global", "micro_batch")
 
 
@@ -153,11 +150,11 @@ def normalise_advantages(raw: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     cancels catastrophically when the advantages sit far from zero."""
     a = raw.double()                                                              # [B]
     stats = torch.stack([a.sum(), torch.tensor(float(a.numel()), dtype=torch.float64, device=a.device)])
-    if is_distributed():
+    if distributed.is_distributed():
         torch.distributed.all_reduce(stats)
     mean = stats[0] / stats[1]
     squares = ((a - mean) ** 2).sum()
-    if is_distributed():
+    if distributed.is_distributed():
         torch.distributed.all_reduce(squares)
     std = torch.sqrt(squares / stats[1])
     return ((a - mean) / (std + eps)).to(raw.dtype)
@@ -258,7 +255,7 @@ def sample_and_score(model, prompts: PromptDataset, indices: list[int], tokenize
     for start in range(0, len(indices), cfg.generation_batch_size):
         chunk = indices[start:start + cfg.generation_batch_size]
         with amp:
-            out = rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, temperature, tokenizer.eos_id,
+            out = sequences.rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, temperature, tokenizer.eos_id,
                           tokenizer.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)
         completions += out.completions
     seconds = time.time() - started
@@ -280,9 +277,9 @@ def completion_logprobs(model, prompts: PromptDataset, indices: list[int], compl
                         pad_id: int, temperature: float, amp) -> list[list[float]]:
     """log pi(token) of each completion token under `model` (no gradient)."""
     device = next(unwrap(model).parameters()).device
-    ids, attention, mask, _ = pack_sequences([prompts.ids[i] for i in indices], completions, pad_id, device)
+    ids, attention, mask, _ = sequences.pack_sequences([prompts.ids[i] for i in indices], completions, pad_id, device)
     with amp:
-        logp = gather_logprobs(unwrap(model), ids, attention, temperature).float()
+        logp = sequences.gather_logprobs(unwrap(model), ids, attention, temperature).float()
     return [logp[b][mask[b].bool()].tolist() for b in range(len(indices))]
 
 
@@ -312,7 +309,7 @@ def initialise_tracker(tracker: BetaTracker, model, prompts: PromptDataset, toke
 def exchange(records: list[dict], dist) -> list[dict]:
     """Every rank's records, in rank order (JSON bytes through all_gather_bytes: nothing is pickled)."""
     data = torch.frombuffer(bytearray(json.dumps(records).encode()), dtype=torch.uint8)
-    return [rec for chunk in all_gather_bytes(data, dist.device) for rec in json.loads(bytes(chunk.tolist()))]
+    return [rec for chunk in distributed.all_gather_bytes(data, dist.device) for rec in json.loads(bytes(chunk.tolist()))]
 
 
 def choose_prompts(tracker: BetaTracker, candidates: list[int], count: int, epsilon: float) -> list[int]:
@@ -325,36 +322,36 @@ def choose_prompts(tracker: BetaTracker, candidates: list[int], count: int, epsi
 
 
 def train(cfg: SPOConfig) -> None:
-    dist = setup_distributed(cfg.device)
-    check_out_dir(cfg)
+    dist = distributed.setup_distributed(cfg.device)
+    checkpointing.check_out_dir(cfg)
     reward = parse_reward_flags(cfg.reward_funcs, cfg.reward_weights) if cfg.reward_funcs.strip() else None
     epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
 
     # ---- model, prompts, tracker ----
-    seed_everything(cfg.seed)
-    model, tokenizer = build_model(cfg, dist.device)
+    distributed.seed_everything(cfg.seed)
+    model, tokenizer = modeling.build_model(cfg, dist.device)
     reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device) if cfg.reward_model else None
     print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}")
-    data = prepare_phase_data("rlaif", cfg, tokenizer, dist)
+    data = batches.prepare_phase_data("rlaif", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
     print0(f"prompts: {prompts.describe()}")
     # each micro-step reads candidate_factor * batch_size candidates and keeps batch_size of them
-    sampler = GlobalBatchSampler(len(prompts), cfg.batch_size * cfg.candidate_factor, cfg.accumulation_steps,
+    sampler = batches.GlobalBatchSampler(len(prompts), cfg.batch_size * cfg.candidate_factor, cfg.accumulation_steps,
                                  dist.world_size, dist.rank, cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     tracker = BetaTracker(len(prompts), cfg.rho_min, cfg.rho_max, cfg.d_half, cfg.constant_rho)
 
     # ---- optimisation ----
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    amp = autocast_context(dist.device, dtype)
-    optimizer = build_optimizer(model, cfg, dist.device)
-    scaler = make_grad_scaler(dist.device, dtype)
-    seed_everything(cfg.seed + dist.rank)
+    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
+    amp = optim.autocast_context(dist.device, dtype)
+    optimizer = optim.build_optimizer(model, cfg, dist.device)
+    scaler = optim.make_grad_scaler(dist.device, dtype)
+    distributed.seed_everything(cfg.seed + dist.rank)
     start_step, wandb_run_id = 0, None
     if cfg.resume:
-        resume = load_resume_state(cfg.out_dir)
-        restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        resume = checkpointing.load_resume_state(cfg.out_dir)
+        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
         tracker.load_state_tensors(resume.method_tensors)
         print0(f"tracker restored: {len(tracker.last):,} prompts with a stored response")
@@ -363,9 +360,9 @@ def train(cfg: SPOConfig) -> None:
         initialise_tracker(tracker, model, prompts, tokenizer, reward, reward_model, cfg, dist, amp)
         print0(f"tracker: {cfg.init_samples} samples per prompt, mean p_hat {tracker.p_hat(slice(None)).mean():.3f}, "
                f"N = {tracker.effective_count:.1f} ({time.time() - started:.0f}s)")
-    train_model = wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist)
     seq_len = cfg.max_prompt_length + cfg.max_new_tokens
-    logger = RunLogger(cfg, dist, max_steps, start_step, flops_per_token(model, seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len), wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {cfg.batch_size * cfg.accumulation_steps * dist.world_size} prompts "
            f"(one completion each, chosen from {cfg.candidate_factor}x as many), {dist.world_size} rank(s), "
@@ -377,12 +374,12 @@ def train(cfg: SPOConfig) -> None:
         just_resumed = cfg.resume and step == start_step
         with logger.paused():
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
-                logger.log_eval(step, evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                logger.log_eval(step, evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                ranks = check_replicas(train_model, dist)
+                ranks = distributed.check_replicas(train_model, dist)
                 if ranks > 1:
                     print0(f"replicas: parameters identical on {ranks} ranks")
-                save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
                                          "spo", metadata={"data": data.summary, "init_from": cfg.init_from},
                                          final=last_step, method_tensors=tracker.state_tensors())
         if last_step:
@@ -390,7 +387,7 @@ def train(cfg: SPOConfig) -> None:
 
         # ---- 1. prompts (prioritised), one completion each, rewards ----
         temperature = (cfg.temperature if cfg.temperature_start is None else
-                       linear_schedule(step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_warmup_steps))
+                       optim.linear_schedule(step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_warmup_steps))
         indices = [i for candidates in sampler.next_step()
                    for i in choose_prompts(tracker, candidates, cfg.batch_size, cfg.sampling_epsilon)]
         completions, rewards, r, rollout_seconds = sample_and_score(train_model, prompts, indices, tokenizer, reward,
@@ -417,7 +414,7 @@ def train(cfg: SPOConfig) -> None:
 
         # ---- 3. PPO-clip updates ----
         micro = [slice(m * cfg.batch_size, (m + 1) * cfg.batch_size) for m in range(cfg.accumulation_steps)]
-        packed = [pack_sequences([prompts.ids[i] for i in indices[s]], completions[s], tokenizer.pad_id,
+        packed = [sequences.pack_sequences([prompts.ids[i] for i in indices[s]], completions[s], tokenizer.pad_id,
                                  dist.device) for s in micro]
         old = []
         for (ids, attention, mask, _), s in zip(packed, micro):
@@ -425,13 +422,13 @@ def train(cfg: SPOConfig) -> None:
             for b, lp in enumerate(old_logps[s]):
                 o[b][mask[b].bool()] = torch.tensor(lp, device=dist.device)
             old.append(o)
-        tokens_in_step = step_token_count([p[2] for p in packed], dist.device)          # all ranks
+        tokens_in_step = sequences.step_token_count([p[2] for p in packed], dist.device)          # all ranks
         sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
         for iteration in range(cfg.num_iterations):
             for m, ((ids, attention, mask, _), s) in enumerate(zip(packed, micro)):
-                with sync_gradients(train_model, last_micro_step=m == len(micro) - 1):
+                with optim.sync_gradients(train_model, last_micro_step=m == len(micro) - 1):
                     with amp:
-                        logp, entropy = gather_logprobs(train_model, ids, attention, temperature, with_entropy=True)
+                        logp, entropy = sequences.gather_logprobs(train_model, ids, attention, temperature, with_entropy=True)
                     per_token, low, high = clipped_surrogate(logp.float(), old[m], advantages[s, None], cfg.epsilon,
                                                              epsilon_high, mask)
                     loss = policy_loss(per_token, mask, cfg.token_normalization, tokens_in_step,
@@ -442,9 +439,9 @@ def train(cfg: SPOConfig) -> None:
                 sums["clip_low"] += float((low.float() * mask).sum())
                 sums["clip_high"] += float((high.float() * mask).sum())
                 sums["entropy"] += float((entropy.detach().float() * mask).sum())
-            lr = cosine_lr(step * cfg.num_iterations + iteration, max_steps * cfg.num_iterations, cfg.warmup_steps,
+            lr = optim.cosine_lr(step * cfg.num_iterations + iteration, max_steps * cfg.num_iterations, cfg.warmup_steps,
                            cfg.learning_rate, cfg.min_lr_ratio)
-            grad_norm = optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+            grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
         step += 1
         logger.tick(tokens=sum(int(p[1].sum()) for p in packed) * cfg.num_iterations * dist.world_size,
                     samples=len(indices) * dist.world_size)
@@ -464,7 +461,7 @@ def train(cfg: SPOConfig) -> None:
                        "completions/mean_length": sum(lengths) / len(lengths),
                        "rollout_tokens_per_sec": sum(lengths) / max(rollout_seconds, 1e-9),
                        "loss": sums["loss"] / tokens}
-            metrics = mean_over_ranks(metrics, dist.device)
+            metrics = distributed.mean_over_ranks(metrics, dist.device)
             metrics["rollout_tokens_per_sec"] *= dist.world_size
             loss_value = metrics.pop("loss")
             logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
@@ -480,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS + (RewardError,) as e:
         fail(str(e))
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

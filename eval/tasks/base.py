@@ -199,7 +199,7 @@ class Task(ABC):
 
     def closeness(self, problem: Problem, answer: str) -> float | None:
         """How close a wrong answer comes, in [0, 1] (1.0 = right); None when it is not an answer of this task's form
-        (not an integer, not an assignment, ...). Partial-credit rewards (eval/rewards.py) use it; the default knows
+        (not an integer, not an assignment, ...). Partial-credit rewards (trainer/rewards.py) use it; the default knows
         only right (1.0) and wrong (0.0)."""
         return float(self.check_answer(problem, answer))
 

@@ -25,7 +25,14 @@ import inspect
 import math
 import re
 
+import torch
+import torch.nn as nn
+
 from minitrain.eval.tasks import extract_answer, get_task, problem_from_row
+from minitrain.model.config import ConfigError
+from minitrain.model.heads import load_reward_model
+from minitrain.trainer.modeling import check_same_tokenizer
+from minitrain.trainer.sequences import pack_sequences
 
 FORMAT_FULL = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
 TIERS = {"perfect": 1.0, "near": 0.6, "partial": 0.3, "attempted": 0.1, "wrong": 0.0}
@@ -173,3 +180,28 @@ def parse_reward_flags(funcs: str, weights: str) -> CombinedReward:
     except ValueError:
         raise RewardError(f"--reward_weights {weights!r}: expected comma-separated numbers") from None
     return CombinedReward(specs, values)
+
+
+# ---- reward models (a checkpoint of trainer/train_reward.py scores the completions) ----
+
+def load_frozen_reward_model(path: str, tokenizer, device: torch.device, flag: str = "reward_model") -> nn.Module:
+    """A reward model (trainer/train_reward.py, or a Hugging Face *ForSequenceClassification directory) that scores
+    the policy's token ids, frozen and in eval mode; ConfigError naming the flag when it cannot read them."""
+    check_same_tokenizer(path, tokenizer, flag)
+    reward_model, _ = load_reward_model(path, device, with_tokenizer=False)
+    if reward_model.config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"--{flag} {path}: vocab_size {reward_model.config.vocab_size} is smaller than the "
+                          f"policy's tokenizer ({tokenizer.vocab_size} tokens)")
+    reward_model.requires_grad_(False)
+    return reward_model.eval()
+
+
+def reward_model_scores(reward_model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
+                        pad_token_id: int, device: torch.device, batch_size: int = 64) -> list[float]:
+    """The reward model's score of each prompt + completion, read at the last real token (as PPO reads it)."""
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        ids, attention, _, _ = pack_sequences(prompts[start:start + batch_size], completions[start:start + batch_size],
+                                              pad_token_id, device)
+        scores += reward_model(ids, attention).float().tolist()
+    return scores
