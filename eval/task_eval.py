@@ -5,7 +5,7 @@
     results["arithmetic"]["accuracy"], results["arithmetic"]["ci80"], results["aggregate"]["accuracy"]
     task_metrics(results)     # {"eval/arithmetic/accuracy": ..., "eval/sat/accuracy": ..., "eval/aggregate/...": ...}
 
-What trainers call for --eval_tasks (trainer/runtime.py) and eval/evaluate.py builds its report on. Each problem
+What trainers call for --eval_tasks (trainer/evaluation.py) and eval/evaluate.py builds its report on. Each problem
 (eval/tasks, drawn from an evaluation seed, so never one the training data holds) becomes the chat prompt
 tokenizer.chat_prompt_ids(problem.messages()); model.generate.generate answers every prompt in batches, a row
 stopping at <|im_end|>; task.score reads the decoded answer. Statistics: eval/stats.py. learned_decoding=True

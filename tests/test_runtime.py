@@ -1,6 +1,6 @@
 # Run: pytest tests/test_runtime.py
 # The shared training runtime (trainer/runtime.py) piece by piece: the learning-rate schedule, AdamW groups, config
-# parsing (defaults < method YAML < --config YAML < flags) and its one-line errors, the global batch sampler, MFU
+# parsing (dataclass defaults < --config YAML < flags) and its one-line errors, the global batch sampler, MFU
 # arithmetic, metrics.jsonl, and checkpoints: no-pickle resume state round trips, exact resume in-process, atomic
 # saves that survive an exception or a SIGKILL in the middle.
 import json
@@ -87,7 +87,9 @@ def test_param_groups_of_the_tiny_model_count_every_trainable_parameter_once():
 @dataclass
 class MethodConfig(TrainConfig):
     """A method's config for the tests."""
-    beta: float = field(default=0.1, metadata={"help": "a method-only field"})
+    learning_rate: float = 1e-3          # a shared field at this method's default (its help comes from TrainConfig)
+    dtype: str = "float32"               # a shared field with choices
+    beta: float = field(default=0.5, metadata={"help": "a method-only field"})
     reference: str | None = field(default=None, metadata={"help": "an optional field"})
 
 
@@ -96,30 +98,35 @@ def write(path, text):
     return str(path)
 
 
-def test_precedence_defaults_then_method_yaml_then_config_yaml_then_flags(tmp_path):
-    defaults = write(tmp_path / "defaults.yaml", """\
-        batch_size: 4
-        learning_rate: 1e-3
-        beta: 0.5
-        hidden_size: 96
-        eval_tasks: arithmetic
-    """)
+def test_precedence_dataclass_defaults_then_config_yaml_then_flags(tmp_path):
     user = write(tmp_path / "user.yaml", """\
         batch_size: 16
         compile: true
         num_hidden_layers: 3
+        hidden_size: 96
     """)
     cfg = parse_config(MethodConfig, ["--config", user, "--batch_size", "32", "--num_hidden_layers", "5",
-                                      "--grad_checkpointing", "--compile", "false", "--reference", "none"], defaults)
-    assert cfg.batch_size == 32                        # flag > --config > method yaml
-    assert cfg.learning_rate == 1e-3                   # method yaml ('1e-3', a string to YAML) > dataclass default
-    assert cfg.beta == 0.5 and cfg.epochs == 1         # method field from yaml; untouched default
+                                      "--grad_checkpointing", "--compile", "false", "--reference", "none"])
+    assert cfg.batch_size == 32                        # flag > --config
+    assert cfg.learning_rate == 1e-3 and cfg.dtype == "float32"   # the method's defaults of shared fields
+    assert cfg.beta == 0.5 and cfg.epochs == 1         # a method field's default; TrainConfig's default
     assert cfg.compile is False and cfg.grad_checkpointing is True and cfg.reference is None
     assert cfg.model_overrides == {"hidden_size": 96, "num_hidden_layers": 5}
-    assert cfg.eval_tasks == "arithmetic" and cfg.config == user
-    assert parse_config(MethodConfig, [], None) == MethodConfig()
+    assert cfg.config == user
+    assert parse_config(MethodConfig, []) == MethodConfig()       # a bare run is exactly the dataclass
     assert parse_config(MethodConfig, ["--rope_scaling", "{rope_type: yarn, factor: 4}"]).model_overrides == \
         {"rope_scaling": {"rope_type": "yarn", "factor": 4}}
+
+
+def test_a_shared_field_a_method_sets_keeps_its_help_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(MethodConfig, ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--learning_rate FLOAT peak learning rate (AdamW) [default: 0.001]" in help_text
+    assert "float32, bfloat16, float16 [default: float32]" in help_text
+    with pytest.raises(SystemExit):
+        parse_config(MethodConfig, ["--dtype", "float64"])
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("yaml_text, argv, message", [

@@ -304,12 +304,13 @@ def read_config_yaml(path: str, fields: dict, model_fields: dict) -> dict[str, t
     return values
 
 
-def parse_config(config_cls, argv: list[str] | None = None, defaults_yaml: str | None = None):
-    """Build `config_cls` (a TrainConfig subclass) from its defaults, the method's YAML, --config YAML and flags.
+def parse_config(config_cls, argv: list[str] | None = None):
+    """Build `config_cls` (a TrainConfig subclass) from its defaults, --config YAML and flags.
 
-    Precedence, lowest first: the dataclass defaults, `defaults_yaml` (config/train/<method>.yaml), the file given by
-    --config, the command line. Every field is a flag (--batch_size 8; booleans as --compile or --compile false);
-    every ModelConfig field is a flag too (--hidden_size 768), collected into cfg.model_overrides. Bad input ends
+    Precedence, lowest first: the dataclass defaults (what a bare run does: a method's config sets the shared fields
+    it runs with), the file given by --config (a recipe, e.g. config/train/<name>.yaml), the command line. Every
+    field is a flag (--batch_size 8; booleans as --compile or --compile false); every ModelConfig field is a flag
+    too (--hidden_size 768), collected into cfg.model_overrides. Bad input ends
     the program with a one-line error (exit status 2) naming the file, line and key, or the flag.
     """
     fields = {name: entry for name, entry in config_field_types(config_cls).items() if name != "model_overrides"}
@@ -318,39 +319,34 @@ def parse_config(config_cls, argv: list[str] | None = None, defaults_yaml: str |
     if clash:
         raise TypeError(f"{config_cls.__name__} fields {sorted(clash)} clash with ModelConfig fields")
 
-    try:   # the method's defaults first: --help shows them
-        method_defaults = read_config_yaml(defaults_yaml, fields, model_fields) if defaults_yaml else {}
-    except ConfigError as e:
-        fail(str(e))
-
     parser = OneLineParser(description=(config_cls.__doc__ or "").strip(), argument_default=argparse.SUPPRESS)
-    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    # a method's config that sets the default of a shared field keeps the field's help and choices
+    shared_metadata = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
     groups = {"shared": parser.add_argument_group("flags every trainer shares"),
               "method": parser.add_argument_group(f"{config_cls.__name__} flags"),
               "model": parser.add_argument_group("model fields (override --model_config / --init_from)")}
     for table in (fields, model_fields):
         for name, (tp, f) in table.items():
-            if name in method_defaults:
-                default = method_defaults[name][0]
-            elif table is model_fields:
+            if table is model_fields:
                 default = "from the model preset or checkpoint"
             else:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            metadata = f.metadata or shared_metadata.get(name, {})
             base = split_optional(tp)[0]
-            kwargs = dict(type=flag_type(tp), help=f"{f.metadata.get('help', '')} [default: {default}]",
+            kwargs = dict(type=flag_type(tp), help=f"{metadata.get('help', '')} [default: {default}]",
                           metavar=getattr(typing.get_origin(base) or base, "__name__", "value").upper())
             if base is bool:
                 kwargs.update(nargs="?", const=True)
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
-            group = "model" if table is model_fields else "shared" if name in shared else "method"
+            if metadata.get("choices"):
+                kwargs["choices"] = metadata["choices"]
+            group = "model" if table is model_fields else "shared" if name in shared_metadata else "method"
             groups[group].add_argument(f"--{name}", **kwargs)
     try:
         given = vars(parser.parse_args(argv))
     except UsageError as e:
         fail(f"command line: {e}")
 
-    values = dict(method_defaults)   # key -> (value, where it was set)
+    values = {}   # key -> (value, where it was set)
     if given.get("config"):
         try:
             values.update(read_config_yaml(given["config"], fields, model_fields))

@@ -18,7 +18,7 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
 
 Prompts come through the rlaif phase like every RL trainer's (config/data/rlaif/, --data_config or --data_path: rows
 of {"prompt"} or {"messages"} with the fields the rewards read, e.g. "task" and "answer"); the training split of the
-prepared mixture is used. Each prompt is answered --samples_per_prompt times (runtime.rollout, batched, sampled at
+prepared mixture is used. Each prompt is answered --samples_per_prompt times (sequences.rollout, batched, sampled at
 --temperature / --top_k / --top_p); answers that run out of --max_new_tokens before <|im_end|> are left out unless
 --keep_unfinished. The answers are scored with --reward_funcs / --reward_weights (trainer/rewards.py: exact_answer,
 format, tiered, length_penalty, or module:function). The highest-scoring answer becomes `chosen`, the lowest

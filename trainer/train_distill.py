@@ -35,9 +35,9 @@ mini preset through pretraining and SFT (the pipeline's first stages, ~13 minute
     # continue a stopped run from its latest checkpoint
     python trainer/train_distill.py --teacher out/pipeline/sft/final --resume --out_dir out/distill
 
-Defaults come from config/train/distill.yaml (--config my.yaml and flags override them).
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it.
 
-  arguments  DistillConfig: the flags every trainer shares (trainer/runtime.py), the teacher, the objective, the
+  arguments  DistillConfig: the flags every trainer shares (trainer/configuration.py), the teacher, the objective, the
              on-policy and the teacher-generation settings.
   models     the student: --init_from, or a fresh --model_config preset, which then takes the teacher's tokenizer and
              vocab_size (unless --tokenizer / --vocab_size say otherwise). The teacher (--teacher): frozen, eval mode,
@@ -68,7 +68,7 @@ Defaults come from config/train/distill.yaml (--config my.yaml and flags overrid
              distillation, Agarwal et al. 2023, arXiv 2306.13649). Micro-batch k (counted over the whole run) is
              on-policy when floor((k + 1) lmbda) > floor(k lmbda), so the fraction is exact and a resumed run makes
              the same choices. For such a batch the student completes each conversation's last user turn
-             (runtime.rollout, --max_new_tokens, --temperature) and D_T is taken over its completion tokens; the CE
+             (sequences.rollout, --max_new_tokens, --temperature) and D_T is taken over its completion tokens; the CE
              term stays the CE of the data's own answers (its own forward and backward pass, skipped when alpha = 0).
   reasoning  --from_teacher_generations: before training, the teacher answers the rlaif prompts (config/data/rlaif/,
              or --data_config / --data_path; rows carrying "task" and "answer", as the embedded rlaif.jsonl does)
@@ -82,7 +82,7 @@ Defaults come from config/train/distill.yaml (--config my.yaml and flags overrid
   metrics    train: loss (the objective), loss/ce, loss/distill (D_T, without the T^2 factor), distill/agreement
              (fraction of target tokens where argmax student == argmax teacher, computed at log steps only, by a
              chunked argmax that never holds [N, V]), distill/on_policy (fraction of micro-batches), and for on-policy
-             batches completions/mean_length. eval: loss (the student's CE, runtime.evaluate_loss), distill and
+             batches completions/mean_length. eval: loss (the student's CE, evaluation.evaluate_loss), distill and
              agreement on the same validation batches, task accuracy (--eval_tasks), sample answers.
   save       OUT_DIR/step_XXXXXX/ (Hugging Face layout + resume state), OUT_DIR/final, OUT_DIR/metrics.jsonl.
 """
@@ -114,7 +114,6 @@ from minitrain.trainer import (batches, checkpointing, configuration, distribute
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/distill.yaml"
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TOKEN_NORMALIZATIONS = ("global", "micro_batch")
 GENERATIONS_FILE = "generations.jsonl"
@@ -124,6 +123,18 @@ GENERATIONS_MANIFEST = "generations_manifest.json"
 @dataclass
 class DistillConfig(TrainConfig):
     """Distillation of a frozen --teacher into the student (--init_from, or a fresh --model_config preset)."""
+
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    out_dir: str = "out/distill"
+    batch_size: int = 16
+    max_steps: int = 400
+    learning_rate: float = 1.0e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_batches: int = 8
+    eval_tasks: str = "arithmetic"
+    save_interval: int = 200
+    keep_checkpoints: int = 2
 
     # ---- teacher ----
     teacher: str = field(default="", metadata={"help": "the frozen teacher's checkpoint directory (ours or a local "
@@ -433,7 +444,7 @@ def generations_data(cfg: DistillConfig, teacher, tokenizer, dist, amp):
 @torch.no_grad()
 def evaluate_distill(student, teacher, dataset, cfg: DistillConfig, dist, amp, collate) -> dict[str, float]:
     """{"distill": mean over batches of D_T, "agreement": over all target tokens} on the first --eval_batches
-    validation batches (batch b on rank b % world_size, sums all-reduced), as runtime.evaluate_loss reads them."""
+    validation batches (batch b on rank b % world_size, sums all-reduced), as evaluation.evaluate_loss reads them."""
     raw = unwrap(student)
     was_training = raw.training
     raw.eval()
@@ -668,7 +679,7 @@ def train(cfg: DistillConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(DistillConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(DistillConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS as e:

@@ -21,9 +21,9 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
     python trainer/make_pairs.py --init_from out/sft/final --out_dir data/pairs
     python trainer/train_dpo.py --data_path data/pairs/pairs.jsonl --out_dir out/dpo-pairs
 
-Defaults come from config/train/dpo.yaml (--config my.yaml and flags override them).
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it.
 
-  arguments  DPOConfig: the flags every trainer shares (trainer/runtime.py), the losses and their weights, beta and
+  arguments  DPOConfig: the flags every trainer shares (trainer/configuration.py), the losses and their weights, beta and
              its dynamic rules, the reference.
   data       the dpo mixture (config/data/dpo/, or --data_config / --data_path): rows of {"prompt", "chosen",
              "rejected"} (strings or message lists), chat rows whose last assistant turn differs, or Anthropic-HH
@@ -36,7 +36,7 @@ Defaults come from config/train/dpo.yaml (--config my.yaml and flags override th
              same model with its adapters off; or, with --precompute_ref_logps, log-probs computed once before
              training and cached beside the prepared data; or nothing with --reference_free).
   loop       chosen and rejected answers go through the model together, one [2B, T] batch; per-token log-probs come
-             from the fused kernel (runtime.gather_logprobs), never [2B, T, V] logits. Loss = sum over --loss_type
+             from the fused kernel (sequences.gather_logprobs), never [2B, T, V] logits. Loss = sum over --loss_type
              of weight * loss, averaged over pairs; beta fixed or adapted at each micro-step (--beta_mode).
              Every --eval_interval steps: the same losses and metrics on the validation split (eval records) and
              --eval_tasks accuracy.
@@ -75,12 +75,10 @@ from minitrain.dataset.preference import PreferenceDataset, collate_pairs
 from minitrain.model.checkpoint import weight_files
 from minitrain.model.lora import has_lora
 from minitrain.model.transformer import unwrap
-from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
-                               reporting, sequences)
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/dpo.yaml"
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft", "rpo")
 BETA_MODES = ("fixed", "beta_dpo", "risk")
 
@@ -88,6 +86,20 @@ BETA_MODES = ("fixed", "beta_dpo", "risk")
 @dataclass
 class DPOConfig(TrainConfig):
     """Preference training of --init_from on chosen/rejected pairs (batch_size = pairs per micro-batch)."""
+
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    init_from: str = "out/sft/final"
+    out_dir: str = "out/dpo"
+    max_seq_len: int = 128              # drops the longest sat pairs (256 keeps them, at about twice the time)
+    batch_size: int = 16                # pairs per micro-batch (32 sequences through the model)
+    max_steps: int = 120
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 40
+    eval_batches: int = 8
+    eval_tasks: str = "arithmetic"
+    save_interval: int = 60
+    keep_checkpoints: int = 2
 
     # ---- objective ----
     loss_type: str = field(default="sigmoid", metadata={
@@ -666,7 +678,7 @@ def write_margins(path: str, step: int, rows: torch.Tensor, dist) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(DPOConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(DPOConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS as e:

@@ -20,7 +20,7 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
     # LoRA: adapters on the frozen model; the reference is the same model with adapters off
     python trainer/train_grpo.py --init_from out/sft/final --lora_rank 16 --learning_rate 1e-4
 
-Defaults come from config/train/grpo.yaml. One step of the loop:
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. One step of the loop:
 
   rollout     batch_size * accumulation_steps prompts per rank (phase rlaif: {"prompt" or "messages", "answer",
               ...}), G = --num_generations completions each, sampled with the KV cache and the fused sampler at
@@ -46,14 +46,12 @@ import torch
 
 from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.prompts import PromptDataset
-from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
-                               reporting, sequences)
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 from minitrain.trainer.rewards import RewardError, load_frozen_reward_model, parse_reward_flags, reward_model_scores
 from minitrain.trainer.train_ppo import clipped_surrogate
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/grpo.yaml"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -61,6 +59,20 @@ SCALE_REWARDS = ("group", "batch", "none")
 @dataclass
 class GRPOConfig(TrainConfig):
     """Group Relative Policy Optimization on prompts with verifiable rewards (batch_size = prompts per micro-batch)."""
+
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    init_from: str = "out/sft/final"
+    out_dir: str = "out/grpo"
+    batch_size: int = 8                 # prompts per micro-batch (x 8 completions = 64 sequences)
+    max_steps: int = 60
+    learning_rate: float = 2.0e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    log_interval: int = 1
+    eval_interval: int = 20
+    eval_tasks: str = "arithmetic"
+    save_interval: int = 20
+    keep_checkpoints: int = 2
 
     # ---- rollouts ----
     num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt"})
@@ -77,7 +89,7 @@ class GRPOConfig(TrainConfig):
     # ---- rewards ----
     reward_funcs: str = field(default="exact_answer,format", metadata={
         "help": "comma-separated built-ins (exact_answer, format, tiered, length_penalty) or module:function"})
-    reward_weights: str = field(default="", metadata={"help": "comma-separated weights; empty = 1 each"})
+    reward_weights: str = field(default="1,0.1", metadata={"help": "comma-separated weights; empty = 1 each"})
     reward_model: str = field(default="", metadata={"help": "reward model directory (trainer/train_reward.py) whose "
                                                             "score is added to the reward functions'"})
     reward_model_weight: float = field(default=1.0, metadata={"help": "weight of the reward model's score"})
@@ -86,9 +98,9 @@ class GRPOConfig(TrainConfig):
                                                                   "of the batch, or not at all",
                                                           "choices": list(SCALE_REWARDS)})
     epsilon: float = field(default=0.2, metadata={"help": "lower clip: ratio >= 1 - epsilon"})
-    epsilon_high: float | None = field(default=None, metadata={"help": "upper clip: ratio <= 1 + epsilon_high "
+    epsilon_high: float | None = field(default=0.28, metadata={"help": "upper clip: ratio <= 1 + epsilon_high "
                                                                        "(DAPO's clip-higher); None = epsilon"})
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient against the reference; 0 = no reference "
+    beta: float = field(default=0.02, metadata={"help": "KL coefficient against the reference; 0 = no reference "
                                                        "model is held"})
     loss_type: str = field(default="dapo", metadata={"help": "loss aggregation (see aggregate_loss)",
                                                      "choices": list(LOSS_TYPES)})
@@ -437,7 +449,7 @@ def train(cfg: GRPOConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(GRPOConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(GRPOConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS + (RewardError,) as e:

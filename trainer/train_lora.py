@@ -21,7 +21,7 @@ Commands, from the repository root after `pip install -e .` (and a pretraining r
     python eval/chat.py --model out/pretrain/final --adapter out/lora/final
     python eval/chat.py --model out/lora/merged
 
-Defaults come from config/train/lora.yaml. This script follows trainer/train_sft.py step for step (copy-paste-modify,
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. This script follows trainer/train_sft.py step for step (copy-paste-modify,
 so each script reads alone); what differs:
 
   arguments  LoRASFTConfig: as SFT, with --lora_rank (must be > 0), --lora_alpha, --lora_dropout, --lora_targets
@@ -42,16 +42,30 @@ import torch
 
 from minitrain.dataset.chat import ChatDataset, collate_chat
 from minitrain.dataset.mixer import format_summary
-from minitrain.trainer import batches, checkpointing, configuration, distributed, evaluation, modeling, optim, reporting
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/lora.yaml"
 
 
 @dataclass
 class LoRASFTConfig(TrainConfig):
     """Supervised fine-tuning of LoRA adapters on a frozen --init_from model, loss on assistant tokens."""
+
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    init_from: str = "out/pretrain/final"
+    out_dir: str = "out/lora"
+    lora_rank: int = 16
+    merge: bool = True
+    batch_size: int = 16
+    max_steps: int = 400
+    learning_rate: float = 3.0e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_batches: int = 8
+    eval_tasks: str = "arithmetic"
+    save_interval: int = 200
+    keep_checkpoints: int = 2
 
     packing: bool = field(default=False, metadata={"help": "pack several conversations into each sequence (each "
                                                            "attends only to itself)"})
@@ -154,7 +168,7 @@ def train(cfg: LoRASFTConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(LoRASFTConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(LoRASFTConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS as e:

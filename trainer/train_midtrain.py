@@ -18,7 +18,7 @@ Commands, from the repository root after `pip install -e .` (and a pretraining r
     # continue a run that was stopped
     python trainer/train_midtrain.py --init_from out/pretrain/final --resume --out_dir out/midtrain
 
-Defaults come from config/train/midtrain.yaml (--config my.yaml and flags override them). Compared with
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. Compared with
 trainer/train_pretrain.py, which this follows step for step (copy-paste-modify, so each script reads alone):
 
   arguments  MidtrainConfig = the shared flags; --init_from is required.
@@ -39,16 +39,25 @@ import torch
 from minitrain.dataset.mixer import format_summary
 from minitrain.model.checkpoint import check_model_dir
 from minitrain.model.config import load_model_config
-from minitrain.trainer import batches, checkpointing, configuration, distributed, evaluation, modeling, optim, reporting
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/midtrain.yaml"
 
 
 @dataclass
 class MidtrainConfig(TrainConfig):
     """Continued pretraining of --init_from on the midtrain mixture at a longer context."""
+
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    out_dir: str = "out/midtrain"
+    max_seq_len: int = 512
+    max_steps: int = 300
+    learning_rate: float = 1.0e-3       # a third of pretraining's peak: the weights are already trained
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0           # anneal to zero
+    eval_batches: int = 10
+    save_interval: int = 100
 
     def validate(self) -> None:
         super().validate()
@@ -142,7 +151,7 @@ def train(cfg: MidtrainConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(MidtrainConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(MidtrainConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS as e:

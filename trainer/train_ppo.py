@@ -24,7 +24,7 @@ out/reward for the second and third):
     # LoRA (policy and critic get adapters; the reference is the policy with its adapters off), shared trunk
     python trainer/train_ppo.py --init_from out/sft/final --lora_rank 16 --learning_rate 1e-4 --shared_critic
 
-Defaults come from config/train/ppo.yaml. One step:
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. One step:
 
   rollout   batch_size * accumulation_steps prompts per rank (phase rlaif), one completion each (KV cache, fused
             sampler). No gradient: log-probs of the policy (old) and the reference, the critic's values V_t, the
@@ -70,18 +70,30 @@ from minitrain.kernels import fused_linear_logprobs
 from minitrain.model.config import ConfigError
 from minitrain.model.heads import ValueHead, ValueModel, last_token_index, load_reward_model
 from minitrain.model.transformer import unwrap
-from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
-                               reporting, sequences)
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 from minitrain.trainer.rewards import RewardError, load_frozen_reward_model, parse_reward_flags
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/ppo.yaml"
 
 
 @dataclass
 class PPOConfig(TrainConfig):
     """PPO with a value model (batch_size = prompts per micro-batch, one completion each)."""
+
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    init_from: str = "out/sft/final"
+    out_dir: str = "out/ppo"
+    batch_size: int = 32                # prompts per micro-batch, one completion each
+    max_steps: int = 60
+    learning_rate: float = 2.0e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    log_interval: int = 1
+    eval_interval: int = 20
+    eval_tasks: str = "arithmetic"
+    save_interval: int = 20
+    keep_checkpoints: int = 2
 
     # ---- rollouts ----
     max_prompt_length: int = field(default=192, metadata={"help": "longer prompts are dropped (and counted)"})
@@ -94,12 +106,12 @@ class PPOConfig(TrainConfig):
     reward_funcs: str = field(default="exact_answer,format", metadata={
         "help": "comma-separated built-ins (exact_answer, format, tiered, length_penalty) or module:function; "
                 "empty = none (then --reward_model is the score)"})
-    reward_weights: str = field(default="", metadata={"help": "comma-separated weights; empty = 1 each"})
+    reward_weights: str = field(default="1,0.1", metadata={"help": "comma-separated weights; empty = 1 each"})
     reward_model: str = field(default="", metadata={"help": "reward model directory (trainer/train_reward.py, or a "
                                                             "Hugging Face *ForSequenceClassification one) scored at "
                                                             "the last token; empty = none"})
     reward_model_weight: float = field(default=1.0, metadata={"help": "weight of the reward model's score"})
-    missing_eos_penalty: float = field(default=0.0, metadata={"help": "subtracted from the score of completions "
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of completions "
                                                                       "that end without EOS; 0 = off"})
     # ---- KL penalty ----
     kl_coef: float = field(default=0.05, metadata={"help": "coefficient of the per-token KL penalty (initial value "
@@ -114,7 +126,7 @@ class PPOConfig(TrainConfig):
                                                                     "their mean (default: zero mean)"})
     # ---- PPO ----
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
-    num_mini_batches: int = field(default=1, metadata={"help": "minibatches (optimizer steps) per pass; must divide "
+    num_mini_batches: int = field(default=2, metadata={"help": "minibatches (optimizer steps) per pass; must divide "
                                                                "batch_size * accumulation_steps"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip: [1 - cliprange, 1 + cliprange]"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
@@ -124,7 +136,7 @@ class PPOConfig(TrainConfig):
                 "weight would only move its clip (TRL steps policy and critic with one optimizer and one clip, "
                 "where vf_coef acts in both): tune --critic_learning_rate and --critic_grad_clip instead"})
     entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus"})
-    target_approx_kl: float = field(default=0.0, metadata={"help": "stop the remaining PPO epochs of a step once the "
+    target_approx_kl: float = field(default=0.05, metadata={"help": "stop the remaining PPO epochs of a step once the "
                                                                    "approximate KL to the rollout policy exceeds "
                                                                    "this; 0 = never"})
     # ---- critic ----
@@ -132,10 +144,10 @@ class PPOConfig(TrainConfig):
                                                                  "instead of a separate critic model"})
     critic_from: str = field(default="", metadata={"help": "reward model directory whose trunk starts the critic; "
                                                            "empty = a copy of the policy's trunk"})
-    critic_learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate of the separate "
+    critic_learning_rate: float | None = field(default=2.0e-4, metadata={"help": "peak learning rate of the separate "
                                                                                "critic; None = --learning_rate (not "
                                                                                "used with --shared_critic)"})
-    critic_warmup_steps: int = field(default=0, metadata={"help": "first steps in which only the critic learns"})
+    critic_warmup_steps: int = field(default=2, metadata={"help": "first steps in which only the critic learns"})
     critic_grad_clip: float = field(default=10.0, metadata={"help": "gradient-norm clip of the separate critic, on "
                                                                     "its unweighted value loss; 0 = none"})
 
@@ -667,7 +679,7 @@ def train(cfg: PPOConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(PPOConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(PPOConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS + (RewardError,) as e:

@@ -16,10 +16,10 @@ Commands, from the repository root after `pip install -e .`:
     # continue a run that was stopped, from its latest checkpoint (also with another number of GPUs)
     python trainer/train_pretrain.py --resume --out_dir out/pretrain
 
-Every flag is listed by --help; defaults come from config/train/pretrain.yaml, `--config my.yaml` overrides them and
+Every flag is listed by --help; a bare run does what PretrainConfig shows, `--config recipe.yaml` overrides it and
 flags override both. Any ModelConfig field is a flag too (--hidden_size 128 --num_hidden_layers 4).
 
-  arguments  PretrainConfig: the flags every trainer shares (trainer/runtime.py) plus the sample prompts below.
+  arguments  PretrainConfig: the flags every trainer shares (trainer/configuration.py) plus the sample prompts below.
   data       the pretrain mixture (config/data/pretrain/, or --data_config / --data_path) is prepared into train and
              validation JSONL files, tokenized once into memory-mapped token caches, and cut into sequences of
              --max_seq_len tokens, documents packed back to back with <|endoftext|> between them. Every token of a
@@ -38,16 +38,24 @@ from dataclasses import dataclass, field
 import torch
 
 from minitrain.dataset.mixer import format_summary
-from minitrain.trainer import batches, checkpointing, configuration, distributed, evaluation, modeling, optim, reporting
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/pretrain.yaml"
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
     """Pretraining from scratch on packed text (flags shared by every trainer, then pretraining's own)."""
+
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    out_dir: str = "out/pretrain"
+    batch_size: int = 16
+    max_steps: int = 600
+    learning_rate: float = 3.0e-3
+    warmup_steps: int = 30
+    eval_batches: int = 10
+    save_interval: int = 200
 
     sample_prompts: str = field(default="The|def |What is 2 + 3?", metadata={
         "help": "prompts, separated by |, that the model completes at each evaluation; empty = none"})
@@ -136,7 +144,7 @@ def train(cfg: PretrainConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(PretrainConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(PretrainConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS as e:

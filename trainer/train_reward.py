@@ -22,7 +22,7 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
     # LoRA: adapters on the frozen trunk, the score head trained in full; OUT_DIR/merged is the reward model
     python trainer/train_reward.py --init_from out/sft/final --lora_rank 16 --learning_rate 1e-3
 
-Defaults come from config/train/reward.yaml. The pieces:
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. The pieces:
 
   data     phase dpo (config/data/dpo/, --data_config or --data_path): {"prompt": [messages], "chosen": [answer],
            "rejected": [answer]} (dataset/formats.py accepts the usual shapes). A pair is laid out as
@@ -56,20 +56,31 @@ from minitrain.dataset.preference import tokenize_pair
 from minitrain.model.heads import RewardModel
 from minitrain.model.lora import has_lora
 from minitrain.model.transformer import unwrap
-from minitrain.trainer import batches, checkpointing, configuration, distributed, modeling, optim, reporting
+from minitrain.trainer import batches, checkpointing, distributed, modeling, optim, reporting
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/reward.yaml"
 
 
 @dataclass
 class RewardConfig(TrainConfig):
     """Reward model on preference pairs (batch_size = pairs per micro-batch), Bradley-Terry loss."""
 
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    init_from: str = "out/sft/final"
+    out_dir: str = "out/reward"
+    batch_size: int = 16                # pairs per micro-batch (32 sequences in one forward pass)
+    max_steps: int = 200
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 50
+    eval_batches: int = 8
+    save_interval: int = 100
+    keep_checkpoints: int = 2
+
     margin: float = field(default=0.0, metadata={"help": "m in -log sigmoid(r_chosen - r_rejected - m) for rows "
                                                          "without a 'margin' field of their own"})
-    center_rewards_coefficient: float = field(default=0.0, metadata={
+    center_rewards_coefficient: float = field(default=0.01, metadata={
         "help": "weight of (r_chosen + r_rejected)^2, which keeps scores centred on 0; 0 = off"})
 
     def validate(self) -> None:
@@ -292,7 +303,7 @@ def train(cfg: RewardConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(RewardConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(RewardConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS as e:

@@ -20,9 +20,9 @@ Commands, from the repository root after `pip install -e .` (and a pretraining r
     python trainer/train_sft.py --init_from out/sft/final --out_dir out/sft-temp --train_temp --train_top_p \
         --freeze_base --goldilocks_filter --learning_rate 1e-2 --max_steps 200
 
-Defaults come from config/train/sft.yaml (--config my.yaml and flags override them).
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it.
 
-  arguments  SFTConfig: the flags every trainer shares (trainer/runtime.py), --packing and the sample prompts.
+  arguments  SFTConfig: the flags every trainer shares (trainer/configuration.py), --packing and the sample prompts.
   data       the sft mixture (config/data/sft/, or --data_config / --data_path): rows of {"messages"},
              {"conversations"}, {"prompt", "response"} or Anthropic-HH text, checked and rewritten to {"messages"}
              (dataset/formats.py), then rendered with the chat template. labels = the token where it belongs to an
@@ -52,16 +52,28 @@ from minitrain.model.decoding_heads import (HeadsObjective, attach_decoding_head
                                             summarize_stats)
 from minitrain.model.lora import has_lora
 from minitrain.model.transformer import unwrap
-from minitrain.trainer import batches, checkpointing, configuration, distributed, evaluation, modeling, optim, reporting
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/sft.yaml"
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning of --init_from on chat data, loss on assistant tokens."""
+
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    init_from: str = "out/pretrain/final"
+    out_dir: str = "out/sft"
+    batch_size: int = 16
+    max_steps: int = 400
+    learning_rate: float = 1.0e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_batches: int = 8
+    eval_tasks: str = "arithmetic"
+    save_interval: int = 200
+    keep_checkpoints: int = 2
 
     packing: bool = field(default=False, metadata={"help": "pack several conversations into each sequence (each "
                                                            "attends only to itself)"})
@@ -283,7 +295,7 @@ def train(cfg: SFTConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(SFTConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(SFTConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS as e:

@@ -28,7 +28,7 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
     python trainer/train_spo.py --init_from out/sft-small/final --device cuda --batch_size 64 --out_dir out/spo
     torchrun --standalone --nproc_per_node 8 trainer/train_spo.py --init_from out/sft-base/final --out_dir out/spo
 
-Defaults come from config/train/spo.yaml. The tracker (alpha, beta, each prompt's last response and its
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. The tracker (alpha, beta, each prompt's last response and its
 log-probs) is saved with every checkpoint and restored by --resume.
 """
 
@@ -41,20 +41,32 @@ import torch
 from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.prompts import PromptDataset
 from minitrain.model.transformer import unwrap
-from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
-                               reporting, sequences)
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 from minitrain.trainer.rewards import RewardError, load_frozen_reward_model, parse_reward_flags, reward_model_scores
 from minitrain.trainer.train_ppo import clipped_surrogate
 
-DEFAULTS_YAML = f"{configuration.CONFIG_DIR}/spo.yaml"
 TOKEN_NORMALIZATIONS = ("global", "micro_batch")
 
 
 @dataclass
 class SPOConfig(TrainConfig):
     """Single-stream Policy Optimization (batch_size = prompts, one completion each, per micro-batch)."""
+
+    # ---- shared flags (TrainConfig) set to what a bare run of this script uses; --help shows their help ----
+    init_from: str = "out/sft/final"
+    out_dir: str = "out/spo"
+    batch_size: int = 32                # prompts per micro-batch, one completion each
+    max_steps: int = 60
+    learning_rate: float = 2.0e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    log_interval: int = 1
+    eval_interval: int = 20
+    eval_tasks: str = "arithmetic"
+    save_interval: int = 20
+    keep_checkpoints: int = 2
 
     # ---- rollouts ----
     max_prompt_length: int = field(default=192, metadata={"help": "longer prompts are dropped (and counted)"})
@@ -77,7 +89,7 @@ class SPOConfig(TrainConfig):
     binary_reward: bool = field(default=True, metadata={"help": "r = 1[reward >= success_threshold]; false: r = "
                                                                 "the reward clamped to [0, 1]"})
     # ---- tracker ----
-    init_samples: int = field(default=4, metadata={"help": "n0: responses per prompt that initialise the tracker"})
+    init_samples: int = field(default=2, metadata={"help": "n0: responses per prompt that initialise the tracker"})
     rho_min: float = field(default=0.875, metadata={"help": "fastest forgetting (also sets N = 1 / (1 - rho_min))"})
     rho_max: float = field(default=0.96, metadata={"help": "slowest forgetting"})
     d_half: float = field(default=0.06, metadata={"help": "policy change D at which rho = 1/2 before clipping"})
@@ -87,7 +99,7 @@ class SPOConfig(TrainConfig):
     sampling_epsilon: float = field(default=0.05, metadata={"help": "epsilon of the weight sqrt(p(1-p)) + epsilon"})
     # ---- objective ----
     epsilon: float = field(default=0.2, metadata={"help": "lower clip: ratio >= 1 - epsilon"})
-    epsilon_high: float | None = field(default=None, metadata={"help": "upper clip; None = epsilon"})
+    epsilon_high: float | None = field(default=0.28, metadata={"help": "upper clip; None = epsilon"})
     num_iterations: int = field(default=1, metadata={"help": "optimizer steps on each rollout batch"})
     token_normalization: str = field(default="global", metadata={
         "help": "global: the summed per-token loss / the completion tokens of the whole step, all micro-batches and "
@@ -471,7 +483,7 @@ def train(cfg: SPOConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(SPOConfig, argv, DEFAULTS_YAML)
+    cfg = parse_config(SPOConfig, argv)
     try:
         train(cfg)
     except USER_ERRORS + (RewardError,) as e:
