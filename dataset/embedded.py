@@ -5,6 +5,10 @@
 
 From Python code: `ensure_embedded_data(root)` -> {"pretrain": ".../pretrain.jsonl", ...}.
 
+The one arrow from dataset/ to eval/, on purpose: the task problems come from eval/tasks/, the same generators and
+checkers that evaluation uses (training problems from training seeds, held-out ones from the evaluation seed), so
+the data and its evaluation can never disagree about a task. Nothing else in dataset/ imports eval/.
+
 Files (one JSON object per line):
     pretrain.jsonl  {"text"}   Python's own documentation (the docstrings of an allowlist of standard-library
                                modules, plus the language reference topics of pydoc_data) and documents of task text:
