@@ -166,7 +166,7 @@ class RunLogger:
         if not self.enabled:
             return
         write_atomic(os.path.join(os.path.dirname(self.metrics_path), "data_summary.json"),
-                          json.dumps(summary, indent=1) + "\n")
+                     json.dumps(summary, indent=1) + "\n")
         if self.wandb is not None:
             self.wandb.config.update({"data": summary}, allow_val_change=True)
 

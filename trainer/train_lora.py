@@ -21,7 +21,8 @@ Commands, from the repository root after `pip install -e .` (and a pretraining r
     python eval/chat.py --model out/pretrain/final --adapter out/lora/final
     python eval/chat.py --model out/lora/merged
 
-A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. This script follows trainer/train_sft.py step for step (copy-paste-modify,
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it.
+This script follows trainer/train_sft.py step for step (copy-paste-modify,
 so each script reads alone); what differs:
 
   arguments  LoRASFTConfig: as SFT, with --lora_rank (must be > 0), --lora_alpha, --lora_dropout, --lora_targets
@@ -101,8 +102,8 @@ def train(cfg: LoRASFTConfig) -> None:
     val_set = ChatDataset(data.val_file, tokenizer, cfg.max_seq_len, cfg.packing) if data.val_file else None
     print0(f"train: {train_set.describe()}")
     collate = partial(collate_chat, pad_id=tokenizer.pad_id)
-    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
-                                 cfg.seed)
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size,
+                                         dist.rank, cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation ----
@@ -117,7 +118,8 @@ def train(cfg: LoRASFTConfig) -> None:
         checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
     train_model = modeling.wrap_model(model, cfg, dist)
-    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
+                                 wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} sequences of at most {cfg.max_seq_len} tokens "
            f"({sampler.steps_per_epoch:,} steps/epoch), {dist.world_size} rank(s), "
@@ -132,15 +134,18 @@ def train(cfg: LoRASFTConfig) -> None:
         with logger.paused():
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
                 metrics = {} if val_set is None else {
-                    "loss": evaluation.evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp, collate)}
+                    "loss": evaluation.evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp,
+                                                     collate)}
                 metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
                 if dist.is_main and prompts:
-                    evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp, chat=True)
+                    evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp,
+                                             chat=True)
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
-                                         "lora", metadata={"data": data.summary, "init_from": cfg.init_from},
-                                         final=last_step)
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler,
+                                                       sampler, logger, "lora",
+                                                       metadata={"data": data.summary, "init_from": cfg.init_from},
+                                                       final=last_step)
         if last_step:
             break
 

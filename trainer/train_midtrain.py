@@ -90,8 +90,8 @@ def train(cfg: MidtrainConfig) -> None:
     data = batches.prepare_phase_data("midtrain", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     train_set, val_set = batches.load_packed_data(data, tokenizer, cfg.max_seq_len, dist)
-    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
-                                 cfg.seed)
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size,
+                                         dist.rank, cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     tokens_per_step = sampler.global_batch * cfg.max_seq_len
 
@@ -107,7 +107,8 @@ def train(cfg: MidtrainConfig) -> None:
         checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
     train_model = modeling.wrap_model(model, cfg, dist)
-    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
+                                 wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} sequences x {cfg.max_seq_len} tokens, "
            f"learning rate {cfg.learning_rate:g} annealed to {cfg.learning_rate * cfg.min_lr_ratio:g}, "
@@ -125,9 +126,10 @@ def train(cfg: MidtrainConfig) -> None:
                 metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
-                                         "midtrain", metadata={"data": data.summary, "init_from": cfg.init_from},
-                                         final=last_step)
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler,
+                                                       sampler, logger, "midtrain",
+                                                       metadata={"data": data.summary, "init_from": cfg.init_from},
+                                                       final=last_step)
         if last_step:
             break
 

@@ -81,8 +81,8 @@ def train(cfg: PretrainConfig) -> None:
     data = batches.prepare_phase_data("pretrain", cfg, tokenizer, dist)
     print0(format_summary(data.summary))
     train_set, val_set = batches.load_packed_data(data, tokenizer, cfg.max_seq_len, dist)
-    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
-                                 cfg.seed)
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size,
+                                         dist.rank, cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     tokens_per_step = sampler.global_batch * cfg.max_seq_len
 
@@ -91,14 +91,15 @@ def train(cfg: PretrainConfig) -> None:
     amp = optim.autocast_context(dist.device, dtype)
     optimizer = optim.build_optimizer(model, cfg, dist.device)
     scaler = optim.make_grad_scaler(dist.device, dtype)
-    distributed.seed_everything(cfg.seed + dist.rank)      # from here on each rank draws its own random numbers (dropout)
+    distributed.seed_everything(cfg.seed + dist.rank)      # from here on each rank draws its own random numbers
     start_step, wandb_run_id = 0, None
     if cfg.resume:
         resume = checkpointing.load_resume_state(cfg.out_dir)
         checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
     train_model = modeling.wrap_model(model, cfg, dist)
-    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
+                                 wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} sequences x {cfg.max_seq_len} tokens "
            f"({tokens_per_step:,} tokens/step, {sampler.steps_per_epoch:,} steps/epoch), {dist.world_size} rank(s), "
@@ -117,10 +118,12 @@ def train(cfg: PretrainConfig) -> None:
                 metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
                 if dist.is_main and prompts:
-                    evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp, chat=False)
+                    evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp,
+                                             chat=False)
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
-                                         "pretrain", metadata={"data": data.summary}, final=last_step)
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler,
+                                                       sampler, logger, "pretrain", metadata={"data": data.summary},
+                                                       final=last_step)
         if last_step:
             break
 

@@ -229,8 +229,8 @@ def train(cfg: RewardConfig) -> None:
     train_set = PairDataset(data.train_file, tokenizer, cfg.max_seq_len, cfg.margin)
     val_set = PairDataset(data.val_file, tokenizer, cfg.max_seq_len, cfg.margin) if data.val_file else None
     print0(f"train: {train_set.describe()}" + (f"; validation: {val_set.describe()}" if val_set else ""))
-    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
-                                 cfg.seed)
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size,
+                                         dist.rank, cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation ----
@@ -248,7 +248,8 @@ def train(cfg: RewardConfig) -> None:
                 model.score.weight.copy_(resume.method_tensors["score.weight"])
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
     train_model = modeling.wrap_model(model, cfg, dist)
-    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
+                                 wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} pairs ({sampler.steps_per_epoch:,} steps/epoch), "
            f"margin {cfg.margin:g} (rows with their own: {train_set.own_margins:,}), {dist.world_size} rank(s), "
@@ -264,11 +265,12 @@ def train(cfg: RewardConfig) -> None:
                 logger.log_eval(step, evaluate_pairs(train_model, val_set, cfg.batch_size, cfg.eval_batches,
                                                      tokenizer.pad_id, dist, amp))
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
-                                         "reward", metadata={"data": data.summary, "init_from": cfg.init_from},
-                                         final=last_step,
-                                         method_tensors={"score.weight": model.score.weight} if has_lora(model)
-                                         else None)
+                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler,
+                                                       sampler, logger, "reward",
+                                                       metadata={"data": data.summary, "init_from": cfg.init_from},
+                                                       final=last_step,
+                                                       method_tensors={"score.weight": model.score.weight}
+                                                       if has_lora(model) else None)
         if last_step:
             break
 
@@ -292,8 +294,8 @@ def train(cfg: RewardConfig) -> None:
         step += 1
         logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
         if step % cfg.log_interval == 0 or step == max_steps:
-            metrics = distributed.mean_over_ranks(dict(zip(("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected"),
-                                               (sums / pairs_seen).tolist())), dist.device)
+            names = ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected")
+            metrics = distributed.mean_over_ranks(dict(zip(names, (sums / pairs_seen).tolist())), dist.device)
             loss_value = metrics.pop("loss")
             logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
                              show=("accuracy", "margin"), **metrics)
