@@ -24,20 +24,22 @@ out/reward for the second and third):
     # LoRA (policy and critic get adapters; the reference is the policy with its adapters off), shared trunk
     python trainer/train_ppo.py --init_from out/sft/final --lora_rank 16 --learning_rate 1e-4 --shared_critic
 
-A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. One step:
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. One step
+of the loop in train(), phase by phase (the functions named in brackets):
 
-  rollout   batch_size * accumulation_steps prompts per rank (phase rlaif), one completion each (KV cache, fused
-            sampler). No gradient: log-probs of the policy (old) and the reference, the critic's values V_t, the
-            score s = sum_f w_f f(completion) + --reward_model_weight * RM(prompt + completion)
+  rollout   [collect_rollouts] batch_size * accumulation_steps prompts per rank (phase rlaif), one completion each
+            (KV cache, fused sampler). No gradient: log-probs of the policy (old) and the reference, the critic's
+            values V_t, the score s = sum_f w_f f(completion) + --reward_model_weight * RM(prompt + completion)
                         - --missing_eos_penalty (when the completion stopped at --max_new_tokens, not at EOS).
-  rewards   per completion token t (per_token_rewards):
+  rewards   [per_token_rewards] per completion token t:
                 r_t = -kl_coef * (log pi_old(y_t) - log pi_ref(y_t))    (+ s at the last completion token)
-            kl_coef is --kl_coef, or adapted toward --target_kl after every step (adaptive_kl_update).
-  GAE       delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},  R_t = A_t + V_t, over the
-            completion tokens only (V and A are 0 past the last token; Schulman et al. 2016, arXiv 1506.02438). The
-            advantages are whitened over the whole batch, all ranks (whiten).
-  update    --ppo_epochs passes over the batch, each in --num_mini_batches shuffled minibatches, one optimizer step
-            per minibatch (micro-batches of at most --batch_size rows accumulate into it):
+            kl_coef is --kl_coef, or adapted toward --target_kl after every step [adaptive_kl_update].
+  GAE       [gae, whiten] delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},
+            R_t = A_t + V_t, over the completion tokens only (V and A are 0 past the last token; Schulman et al.
+            2016, arXiv 1506.02438). The advantages are whitened over the whole batch, all ranks.
+  update    [ppo_update, ppo_micro_batch] --ppo_epochs passes over the batch, each in --num_mini_batches shuffled
+            minibatches, one optimizer step per minibatch (micro-batches of at most --batch_size rows accumulate
+            into it):
                 policy  -min(ratio A, clip(ratio, 1 - cliprange, 1 + cliprange) A) - entropy_coef * H(pi)
                 critic  max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) / 2,  c = --cliprange_value
                         (times --vf_coef with --shared_critic, where both losses share one trunk and optimizer)
@@ -45,15 +47,17 @@ A bare run does what the config dataclass below shows; `--config recipe.yaml` an
             rollout policy, mean over the tokens of the epoch and over ranks, of (ratio - 1) - log ratio (Schulman's
             k3 estimator of KL(pi_old || pi): >= 0, unbiased, low variance), stops the remaining epochs when above
             --target_approx_kl. For the first --critic_warmup_steps steps only the critic learns.
-  critic    default: a separate model, a copy of the policy's trunk (or of the reward model's with --critic_from)
-            with a ValueHead (two-layer MLP, model/heads.py), its own DDP wrapper, AdamW optimizer (learning rate
-            --critic_learning_rate) and GradScaler. --shared_critic: the ValueHead reads the policy's own hidden
-            states; the value loss then also trains the trunk, and the head's parameters are one more group of the
-            policy's optimizer (one optimizer, one learning rate: that of the policy).
-  save      OUT_DIR/step_XXXXXX/ is the policy (Hugging Face layout, or PEFT adapters under LoRA) with the resume
-            state; the critic travels inside the resume state: its trainable weights as method tensors
-            "critic.<name>" (or "value_head.<name>" when shared), its optimizer as "critic_optimizer.<index>.<name>"
-            with its param groups, GradScaler and kl_coef in the method state. --resume restores them all.
+  critic    [ActorCritic, build_critic] default: a separate model, a copy of the policy's trunk (or of the reward
+            model's with --critic_from) with a ValueHead (two-layer MLP, model/heads.py), its own DDP wrapper, AdamW
+            optimizer (learning rate --critic_learning_rate) and GradScaler. --shared_critic (its forward passes in
+            the Extensions section at the end): the ValueHead reads the policy's own hidden states; the value loss
+            then also trains the trunk, and the head's parameters are one more group of the policy's optimizer (one
+            optimizer, one learning rate: that of the policy).
+  save      [critic_checkpoint, restore_critic] OUT_DIR/step_XXXXXX/ is the policy (Hugging Face layout, or PEFT
+            adapters under LoRA) with the resume state; the critic travels inside the resume state: its trainable
+            weights as method tensors "critic.<name>" (or "value_head.<name>" when shared), its optimizer as
+            "critic_optimizer.<index>.<name>" with its param groups, GradScaler and kl_coef in the method state.
+            --resume restores them all.
 """
 
 import copy
@@ -385,8 +389,7 @@ def build_critic(cfg: PPOConfig, model: nn.Module, tokenizer, device) -> nn.Modu
                                           targets=cfg.lora_targets, use_rslora=cfg.use_rslora))
     else:
         source = copy.deepcopy(unwrap(model))
-    critic = ValueModel.from_trunk(source).train()
-    return critic
+    return ValueModel.from_trunk(source).train()
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -610,8 +613,8 @@ def train(cfg: PPOConfig) -> None:
     reward_model = None
     if cfg.reward_model:
         reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device)
-    H = model.config.hidden_size
-    value_head = ValueHead(H, model.config.initializer_range).to(dist.device) if cfg.shared_critic else None
+    value_head = (ValueHead(model.config.hidden_size, model.config.initializer_range).to(dist.device)
+                  if cfg.shared_critic else None)
     critic = None if cfg.shared_critic else build_critic(cfg, model, tokenizer, dist.device)
     print0(f"policy: {model.num_parameters():,} parameters, from {cfg.init_from}; reference: "
            + ("the policy with LoRA adapters off" if reference is None else "a frozen copy")
