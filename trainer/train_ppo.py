@@ -24,20 +24,22 @@ out/reward for the second and third):
     # LoRA (policy and critic get adapters; the reference is the policy with its adapters off), shared trunk
     python trainer/train_ppo.py --init_from out/sft/final --lora_rank 16 --learning_rate 1e-4 --shared_critic
 
-A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. One step:
+A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. One step
+of the loop in train(), phase by phase (the functions named in brackets):
 
-  rollout   batch_size * accumulation_steps prompts per rank (phase rlaif), one completion each (KV cache, fused
-            sampler). No gradient: log-probs of the policy (old) and the reference, the critic's values V_t, the
-            score s = sum_f w_f f(completion) + --reward_model_weight * RM(prompt + completion)
+  rollout   [collect_rollouts] batch_size * accumulation_steps prompts per rank (phase rlaif), one completion each
+            (KV cache, fused sampler). No gradient: log-probs of the policy (old) and the reference, the critic's
+            values V_t, the score s = sum_f w_f f(completion) + --reward_model_weight * RM(prompt + completion)
                         - --missing_eos_penalty (when the completion stopped at --max_new_tokens, not at EOS).
-  rewards   per completion token t (per_token_rewards):
+  rewards   [per_token_rewards] per completion token t:
                 r_t = -kl_coef * (log pi_old(y_t) - log pi_ref(y_t))    (+ s at the last completion token)
-            kl_coef is --kl_coef, or adapted toward --target_kl after every step (adaptive_kl_update).
-  GAE       delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},  R_t = A_t + V_t, over the
-            completion tokens only (V and A are 0 past the last token; Schulman et al. 2016, arXiv 1506.02438). The
-            advantages are whitened over the whole batch, all ranks (whiten).
-  update    --ppo_epochs passes over the batch, each in --num_mini_batches shuffled minibatches, one optimizer step
-            per minibatch (micro-batches of at most --batch_size rows accumulate into it):
+            kl_coef is --kl_coef, or adapted toward --target_kl after every step [adaptive_kl_update].
+  GAE       [gae, whiten] delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},
+            R_t = A_t + V_t, over the completion tokens only (V and A are 0 past the last token; Schulman et al.
+            2016, arXiv 1506.02438). The advantages are whitened over the whole batch, all ranks.
+  update    [ppo_update, ppo_micro_batch] --ppo_epochs passes over the batch, each in --num_mini_batches shuffled
+            minibatches, one optimizer step per minibatch (micro-batches of at most --batch_size rows accumulate
+            into it):
                 policy  -min(ratio A, clip(ratio, 1 - cliprange, 1 + cliprange) A) - entropy_coef * H(pi)
                 critic  max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) / 2,  c = --cliprange_value
                         (times --vf_coef with --shared_critic, where both losses share one trunk and optimizer)
@@ -45,15 +47,17 @@ A bare run does what the config dataclass below shows; `--config recipe.yaml` an
             rollout policy, mean over the tokens of the epoch and over ranks, of (ratio - 1) - log ratio (Schulman's
             k3 estimator of KL(pi_old || pi): >= 0, unbiased, low variance), stops the remaining epochs when above
             --target_approx_kl. For the first --critic_warmup_steps steps only the critic learns.
-  critic    default: a separate model, a copy of the policy's trunk (or of the reward model's with --critic_from)
-            with a ValueHead (two-layer MLP, model/heads.py), its own DDP wrapper, AdamW optimizer (learning rate
-            --critic_learning_rate) and GradScaler. --shared_critic: the ValueHead reads the policy's own hidden
-            states; the value loss then also trains the trunk, and the head's parameters are one more group of the
-            policy's optimizer (one optimizer, one learning rate: that of the policy).
-  save      OUT_DIR/step_XXXXXX/ is the policy (Hugging Face layout, or PEFT adapters under LoRA) with the resume
-            state; the critic travels inside the resume state: its trainable weights as method tensors
-            "critic.<name>" (or "value_head.<name>" when shared), its optimizer as "critic_optimizer.<index>.<name>"
-            with its param groups, GradScaler and kl_coef in the method state. --resume restores them all.
+  critic    [ActorCritic, build_critic] default: a separate model, a copy of the policy's trunk (or of the reward
+            model's with --critic_from) with a ValueHead (two-layer MLP, model/heads.py), its own DDP wrapper, AdamW
+            optimizer (learning rate --critic_learning_rate) and GradScaler. --shared_critic (its forward passes in
+            the Extensions section at the end): the ValueHead reads the policy's own hidden states; the value loss
+            then also trains the trunk, and the head's parameters are one more group of the policy's optimizer (one
+            optimizer, one learning rate: that of the policy).
+  save      [critic_checkpoint, restore_critic] OUT_DIR/step_XXXXXX/ is the policy (Hugging Face layout, or PEFT
+            adapters under LoRA) with the resume state; the critic travels inside the resume state: its trainable
+            weights as method tensors "critic.<name>" (or "value_head.<name>" when shared), its optimizer as
+            "critic_optimizer.<index>.<name>" with its param groups, GradScaler and kl_coef in the method state.
+            --resume restores them all.
 """
 
 import copy
@@ -335,49 +339,39 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float("nan") if var_returns == 0 else 1.0 - var_error / var_returns
 
 
+
 # =============================================================================================================
-# Policy and critic forward passes
+# The policy and its critic
 # =============================================================================================================
 
-def policy_forward(train_model, value_head, ids, attention, temperature: float, with_entropy: bool = True):
-    """(log-probs [B, T-1], entropy [B, T-1] or None, values [B, T-1] or None) of the policy; with a shared value
-    head (--shared_critic) its values come from the same forward pass: the head reads the policy's hidden states.
-    The forward goes through the DDP wrappers, so gradients are all-reduced."""
-    if value_head is None:
-        out = sequences.gather_logprobs(train_model, ids, attention, temperature, with_entropy=with_entropy)
+@dataclass
+class ActorCritic:
+    """The policy and its critic as the loop trains them (DDP-wrapped on several ranks), with their optimizers."""
+    policy: nn.Module
+    critic: nn.Module                 # a separate ValueModel, or with --shared_critic a ValueHead on the policy's trunk
+    shared: bool                      # --shared_critic: one trunk, the head's parameters in the policy's optimizer
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    critic_optimizer: torch.optim.Optimizer | None       # the separate critic's own; None when shared
+    critic_scaler: torch.amp.GradScaler | None
+    vf_coef: float                    # the value loss's weight: beside the policy's (shared), alone (1) in its own
+
+    def logprobs_and_values(self, ids, attention, temperature: float, with_entropy: bool = True):
+        """(log-probs [B, T-1], entropy [B, T-1] or None, values [B, T-1]): the policy's forward pass and the
+        critic's, whose V_t is the value of the prefix ending at token t, before y_{t+1} is sampled. The forwards go
+        through the DDP wrappers, so gradients are all-reduced."""
+        if self.shared:
+            return shared_trunk_forward(self.policy, self.critic, ids, attention, temperature, with_entropy)
+        out = sequences.gather_logprobs(self.policy, ids, attention, temperature, with_entropy=with_entropy)
         logp, entropy = out if with_entropy else (out, None)
-        return logp.float(), None if entropy is None else entropy.float(), None
-    hidden = train_model(ids, attention_mask=attention, compute_logits=False).hidden_states[:, :-1]   # [B, T-1, H]
-    B, T1, H = hidden.shape
-    out = fused_linear_logprobs(hidden.reshape(B * T1, H), unwrap(train_model).lm_head.weight,
-                                ids[:, 1:].reshape(B * T1), temperature=temperature, return_entropy=with_entropy)
-    logp, entropy = out if with_entropy else (out, None)
-    return (logp.view(B, T1).float(), None if entropy is None else entropy.view(B, T1).float(),
-            value_head(hidden))
+        return logp.float(), None if entropy is None else entropy.float(), self.critic(ids, attention)[:, :-1]
 
-
-def critic_values(train_critic, ids, attention) -> torch.Tensor:
-    """Values [B, T-1] of the separate critic, lined up with the log-probs: V_t is the value of the prefix ending
-    at token t, before y_{t+1} is sampled."""
-    return train_critic(ids, attention)[:, :-1]
-
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that learn (all of them, or the adapters and the head under LoRA), by name."""
-    return {name: p for name, p in unwrap(module).named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    params = trainable_state(module)
-    if set(params) != set(tensors):
-        raise ConfigError(f"--resume: the checkpoint's {what} ({len(tensors)} tensors) does not fit this run's "
-                          f"({len(params)}); were --shared_critic, --critic_from or --lora_rank changed?")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != tensors[name].shape:
-                raise ConfigError(f"--resume: {what} tensor {name} has shape {tuple(tensors[name].shape)}, this run "
-                                  f"needs {tuple(p.shape)}")
-            p.copy_(tensors[name])
+    def values_alone(self, ids, attention, amp) -> torch.Tensor:
+        """The critic's values [B, T-1] while only the critic learns (--critic_warmup_steps)."""
+        if self.shared:
+            return shared_trunk_values(self.policy, self.critic, ids, attention, amp)
+        with amp:
+            return self.critic(ids, attention)[:, :-1]
 
 
 def build_critic(cfg: PPOConfig, model: nn.Module, tokenizer, device) -> nn.Module:
@@ -395,8 +389,212 @@ def build_critic(cfg: PPOConfig, model: nn.Module, tokenizer, device) -> nn.Modu
                                           targets=cfg.lora_targets, use_rslora=cfg.use_rslora))
     else:
         source = copy.deepcopy(unwrap(model))
-    critic = ValueModel.from_trunk(source).train()
-    return critic
+    return ValueModel.from_trunk(source).train()
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that learn (all of them, or the adapters and the head under LoRA), by name."""
+    return {name: p for name, p in unwrap(module).named_parameters() if p.requires_grad}
+
+
+def critic_checkpoint(ac: ActorCritic, kl_coef: float) -> tuple[dict, dict]:
+    """(method state, method tensors) of a checkpoint: the critic's trainable weights as "critic.<name>" (or
+    "value_head.<name>" when shared), its optimizer as "critic_optimizer.<index>.<name>", its GradScaler, kl_coef."""
+    state = {"kl_coef": kl_coef, "critic": "shared" if ac.shared else "separate"}
+    tensors = {("value_head." if ac.shared else "critic.") + name: p for name, p in trainable_state(ac.critic).items()}
+    if ac.critic_optimizer is not None:
+        opt_tensors, groups, scalars = checkpointing.optimizer_state_tensors(ac.critic_optimizer)
+        tensors.update({f"critic_{k}": v for k, v in opt_tensors.items()})
+        state.update(critic_optimizer_param_groups=groups, critic_optimizer_scalars=scalars,
+                     critic_scaler=ac.critic_scaler.state_dict())
+    return state, tensors
+
+
+def restore_critic(resume: checkpointing.ResumeState, cfg: PPOConfig, critic: nn.Module, critic_optimizer,
+                   critic_scaler) -> float:
+    """Load what critic_checkpoint saved into the unwrapped critic (or shared value head) and its optimizer;
+    return the checkpoint's kl_coef."""
+    state, tensors = resume.method_state or {}, resume.method_tensors
+    if state.get("critic") != ("shared" if cfg.shared_critic else "separate"):
+        raise ConfigError(f"--resume: the checkpoint's critic is {state.get('critic')!r}; this run's "
+                          f"--shared_critic {cfg.shared_critic} asks for another")
+    kl_coef = state["kl_coef"]
+    prefix = "value_head." if cfg.shared_critic else "critic."
+    saved, params = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, trainable_state(critic)
+    if set(params) != set(saved):
+        raise ConfigError(f"--resume: the checkpoint's critic ({len(saved)} tensors) does not fit this run's "
+                          f"({len(params)}); were --shared_critic, --critic_from or --lora_rank changed?")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != saved[name].shape:
+                raise ConfigError(f"--resume: critic tensor {name} has shape {tuple(saved[name].shape)}, this run "
+                                  f"needs {tuple(p.shape)}")
+            p.copy_(saved[name])
+    if critic_optimizer is not None:
+        opt = {k[len("critic_"):]: v for k, v in tensors.items() if k.startswith("critic_optimizer.")}
+        critic_optimizer.load_state_dict(checkpointing.optimizer_state_dict(
+            opt, state["critic_optimizer_param_groups"], state["critic_optimizer_scalars"]))
+        critic_scaler.load_state_dict(state["critic_scaler"])
+    print0(f"critic restored ({len(params):,} tensors), kl_coef {kl_coef:.4g}")
+    return kl_coef
+
+
+# =============================================================================================================
+# One PPO step in phases: rollouts (no gradient), the PPO epochs, the logged metrics
+# =============================================================================================================
+
+@dataclass
+class RolloutBatch:
+    """This rank's completions of one step, scored, with what the PPO epochs need from the rollout policy."""
+    ids: torch.Tensor                 # [B, T] prompt (left-padded) + completion (right-padded)
+    attention: torch.Tensor           # [B, T] 1 = real token
+    mask: torch.Tensor                # [B, T-1] 1 where ids[:, t + 1] is a completion token
+    old_logp: torch.Tensor            # [B, T-1] log pi_old(y_t): the policy that sampled
+    ref_logp: torch.Tensor            # [B, T-1] log pi_ref(y_t)
+    old_values: torch.Tensor          # [B, T-1] V_old, 0 outside the mask
+    scores: torch.Tensor              # [B] s, the score of each completion
+    completions: list[list[int]]
+    finished: list[bool]              # the completion stopped at EOS
+    rm_scores: torch.Tensor | None    # [B] the reward model's part of the score
+    per_function: dict[str, list[float]]
+    rollout_seconds: float
+
+
+def collect_rollouts(ac: ActorCritic, reference, reward, reward_model, prompts: PromptDataset, indices: list[int],
+                     tokenizer, cfg: PPOConfig, amp, device) -> RolloutBatch:
+    """One completion per prompt (KV cache, fused sampler) and its score; then with no gradient, in micro-batches,
+    the log-probs of the policy (old) and the reference, the critic's values and the reward model's scores."""
+    started, completions, finished = time.time(), [], []
+    for start in range(0, len(indices), cfg.generation_batch_size):
+        chunk = indices[start:start + cfg.generation_batch_size]
+        with amp:
+            out = sequences.rollout(ac.policy, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
+                                    tokenizer.eos_id, tokenizer.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)
+        completions += out.completions
+        finished += out.finished.tolist()
+    rollout_seconds = time.time() - started
+    ids, attention, mask, _ = sequences.pack_sequences([prompts.ids[i] for i in indices], completions,
+                                                       tokenizer.pad_id, device)
+    scores, per_function = torch.zeros(len(indices), device=device), {}
+    if reward is not None:
+        total, per_function = reward([prompts.text(i) for i in indices], [tokenizer.decode(c) for c in completions],
+                                     prompts.columns(indices))
+        scores += torch.tensor(total, device=device)
+
+    old_logp, ref_logp, old_values, rm_scores = [], [], [], []
+    with torch.no_grad(), amp:
+        for start in range(0, len(indices), cfg.batch_size):
+            rows = slice(start, start + cfg.batch_size)
+            logp, _, values = ac.logprobs_and_values(ids[rows], attention[rows], cfg.temperature, with_entropy=False)
+            old_logp.append(logp)
+            old_values.append(values.float())
+            ref_logp.append(sequences.reference_logprobs(reference, ac.policy, ids[rows], attention[rows],
+                                                         cfg.temperature).float())
+            if reward_model is not None:
+                rm_scores.append(reward_model(ids[rows], attention[rows]).float())
+    rm_scores = torch.cat(rm_scores) if reward_model is not None else None
+    if rm_scores is not None:
+        scores += cfg.reward_model_weight * rm_scores
+    scores -= cfg.missing_eos_penalty * (~torch.tensor(finished, device=device)).float()
+    return RolloutBatch(ids, attention, mask, torch.cat(old_logp), torch.cat(ref_logp), torch.cat(old_values) * mask,
+                        scores, completions, finished, rm_scores, per_function, rollout_seconds)
+
+
+STATS = ("pg", "vf", "entropy", "approxkl", "clipfrac", "vclipfrac", "tokens", "vtokens")   # summed over tokens
+
+
+def ppo_micro_batch(ac: ActorCritic, batch: RolloutBatch, rows: list[int], advantages: torch.Tensor,
+                    returns: torch.Tensor, mb_tokens: torch.Tensor, cfg: PPOConfig, warmup: bool, amp,
+                    sums: dict[str, torch.Tensor], epoch_kl: torch.Tensor) -> None:
+    """Forward and backward of some rows of a minibatch: each loss is summed over their completion tokens and divided
+    by the minibatch's (gradients accumulate until its optimizer step). Statistics add up on the device."""
+    ids, attention, m = batch.ids[rows], batch.attention[rows], batch.mask[rows]
+    policy_part = torch.zeros((), device=m.device)
+    if warmup:           # only the critic learns: the policy runs without gradient, if at all
+        values = ac.values_alone(ids, attention, amp)
+    else:
+        with amp:
+            logp, entropy, values = ac.logprobs_and_values(ids, attention, cfg.temperature)
+        pg, low, high = clipped_surrogate(logp, batch.old_logp[rows], advantages[rows], cfg.cliprange, cfg.cliprange, m)
+        policy_part = ((pg - cfg.entropy_coef * entropy) * m).sum() / mb_tokens
+        with torch.no_grad():
+            kl_tokens = approx_kl(logp, batch.old_logp[rows], m) * m
+            epoch_kl += torch.stack([kl_tokens.sum(), m.sum()]).double()
+            for name, per_token in (("pg", pg * m), ("entropy", entropy * m), ("approxkl", kl_tokens),
+                                    ("clipfrac", (low | high).float() * m), ("tokens", m)):
+                sums[name] += per_token.sum().double()
+    vf, vclipped = value_loss(values.float(), batch.old_values[rows], returns[rows], cfg.cliprange_value)
+    value_part = ac.vf_coef * (vf * m).sum() / mb_tokens
+    if ac.shared:            # one trunk: one loss, one backward
+        ac.scaler.scale(policy_part + value_part).backward()
+    else:
+        if not warmup:
+            ac.scaler.scale(policy_part).backward()
+        ac.critic_scaler.scale(value_part).backward()
+    for name, per_token in (("vf", vf.detach() * m), ("vclipfrac", vclipped.float() * m), ("vtokens", m)):
+        sums[name] += per_token.sum().double()
+
+
+def ppo_update(ac: ActorCritic, batch: RolloutBatch, advantages: torch.Tensor, returns: torch.Tensor,
+               cfg: PPOConfig, lr: float, lr_critic: float, warmup: bool, amp):
+    """--ppo_epochs passes over the batch, each in --num_mini_batches shuffled minibatches of micro-batches, one
+    optimizer step per minibatch; the remaining epochs are skipped once the epoch's approximate KL to the rollout
+    policy (all ranks) exceeds --target_approx_kl. Returns (statistics summed on the device, epochs run, the last
+    gradient norms of the policy and of the critic)."""
+    rows_per_rank = cfg.batch_size * cfg.accumulation_steps
+    mini_rows = rows_per_rank // cfg.num_mini_batches
+    sums = {name: torch.zeros((), device=batch.mask.device, dtype=torch.float64) for name in STATS}
+    epochs_run, grad_norm, critic_grad_norm = 0, torch.zeros(()), torch.zeros(())
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(rows_per_rank).tolist()
+        epoch_kl = torch.zeros(2, device=batch.mask.device, dtype=torch.float64)      # sum of approx KL, tokens
+        for mb in range(cfg.num_mini_batches):
+            mb_rows = order[mb * mini_rows:(mb + 1) * mini_rows]
+            mb_tokens = batch.mask[mb_rows].sum().clamp(min=1)
+            chunks = [mb_rows[i:i + cfg.batch_size] for i in range(0, mini_rows, cfg.batch_size)]
+            for c, rows in enumerate(chunks):
+                last_chunk = c == len(chunks) - 1
+                with optim.sync_gradients(ac.policy, last_chunk), optim.sync_gradients(ac.critic, last_chunk):
+                    ppo_micro_batch(ac, batch, rows, advantages, returns, mb_tokens, cfg, warmup, amp, sums, epoch_kl)
+            if ac.shared or not warmup:
+                grad_norm = optim.optimizer_step(ac.optimizer, ac.scaler, lr, cfg.grad_clip)
+            if not ac.shared:
+                critic_grad_norm = optim.optimizer_step(ac.critic_optimizer, ac.critic_scaler, lr_critic,
+                                                        cfg.critic_grad_clip)
+        epochs_run += 1
+        if cfg.target_approx_kl and not warmup:
+            if distributed.is_distributed():
+                torch.distributed.all_reduce(epoch_kl)
+            if (epoch_kl[0] / epoch_kl[1].clamp(min=1)).item() > cfg.target_approx_kl:
+                break
+    return sums, epochs_run, grad_norm, critic_grad_norm
+
+
+def step_metrics(batch: RolloutBatch, sums: dict[str, torch.Tensor], kl: torch.Tensor, returns: torch.Tensor,
+                 kl_coef: float, epochs_run: int, critic_grad_norm: torch.Tensor, warmup: bool) -> dict[str, float]:
+    """This rank's metrics of a step, named as in TRL's PPOTrainer (one host sync for the summed statistics)."""
+    sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+    tokens, vtokens = max(sums["tokens"], 1.0), max(sums["vtokens"], 1.0)
+    lengths = [len(c) for c in batch.completions]
+    metrics = {
+        "loss/value": sums["vf"] / vtokens, "val/clipfrac": sums["vclipfrac"] / vtokens,
+        "val/explained_variance": explained_variance(batch.old_values, returns, batch.mask),
+        "val/mean": sequences.masked_mean(batch.old_values, batch.mask).item(),
+        "returns/mean": sequences.masked_mean(returns, batch.mask).item(),
+        "objective/rlhf_reward": (batch.scores - kl_coef * kl.sum(-1)).mean().item(),
+        "objective/non_score_reward": (-kl_coef * kl.sum(-1)).mean().item(),
+        "completions/mean_length": sum(lengths) / len(lengths),
+        "completions/clipped_ratio": 1 - sum(batch.finished) / len(batch.finished),
+        "rollout_tokens_per_sec": sum(lengths) / max(batch.rollout_seconds, 1e-9),
+        "ppo/epochs": float(epochs_run), "critic/grad_norm": critic_grad_norm.item()}
+    if not warmup:
+        metrics.update({"loss/policy": sums["pg"] / tokens, "policy/entropy": sums["entropy"] / tokens,
+                        "policy/approxkl": sums["approxkl"] / tokens, "policy/clipfrac": sums["clipfrac"] / tokens})
+    if batch.rm_scores is not None:
+        metrics["rewards/reward_model/mean"] = batch.rm_scores.mean().item()
+    for name, values in batch.per_function.items():
+        metrics[f"rewards/{name}/mean"] = sum(values) / len(values)
+    return metrics
 
 
 # =============================================================================================================
@@ -415,8 +613,8 @@ def train(cfg: PPOConfig) -> None:
     reward_model = None
     if cfg.reward_model:
         reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device)
-    H = model.config.hidden_size
-    value_head = ValueHead(H, model.config.initializer_range).to(dist.device) if cfg.shared_critic else None
+    value_head = (ValueHead(model.config.hidden_size, model.config.initializer_range).to(dist.device)
+                  if cfg.shared_critic else None)
     critic = None if cfg.shared_critic else build_critic(cfg, model, tokenizer, dist.device)
     print0(f"policy: {model.num_parameters():,} parameters, from {cfg.init_from}; reference: "
            + ("the policy with LoRA adapters off" if reference is None else "a frozen copy")
@@ -430,8 +628,8 @@ def train(cfg: PPOConfig) -> None:
     print0(format_summary(data.summary))
     prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
     print0(f"prompts: {prompts.describe()}")
-    sampler = batches.GlobalBatchSampler(len(prompts), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
-                                 cfg.seed)
+    sampler = batches.GlobalBatchSampler(len(prompts), cfg.batch_size, cfg.accumulation_steps, dist.world_size,
+                                         dist.rank, cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation: the policy's optimizer (+ the shared value head), the critic's own ----
@@ -447,8 +645,6 @@ def train(cfg: PPOConfig) -> None:
         critic_optimizer = optim.build_optimizer(critic, cfg, dist.device)
         critic_scaler = optim.make_grad_scaler(dist.device, dtype)
     critic_lr = cfg.critic_learning_rate or cfg.learning_rate
-    # the value loss's weight: beside the policy's in the shared trunk; alone (1) in a separate critic's optimizer
-    vf_coef = (0.1 if cfg.vf_coef is None else cfg.vf_coef) if cfg.shared_critic else 1.0
     kl_coef = cfg.kl_coef
     distributed.seed_everything(cfg.seed + dist.rank)          # each rank samples its own completions
     start_step, wandb_run_id = 0, None
@@ -456,20 +652,7 @@ def train(cfg: PPOConfig) -> None:
         resume = checkpointing.load_resume_state(cfg.out_dir)
         checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-        state, tensors = resume.method_state or {}, resume.method_tensors
-        if state.get("critic") != ("shared" if cfg.shared_critic else "separate"):
-            raise ConfigError(f"--resume: the checkpoint's critic is {state.get('critic')!r}; this run's "
-                              f"--shared_critic {cfg.shared_critic} asks for another")
-        kl_coef = state["kl_coef"]
-        prefix = "value_head." if cfg.shared_critic else "critic."
-        load_trainable_state(value_head if cfg.shared_critic else critic,
-                             {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, "critic")
-        if critic is not None:
-            opt = {k[len("critic_"):]: v for k, v in tensors.items() if k.startswith("critic_optimizer.")}
-            critic_optimizer.load_state_dict(checkpointing.optimizer_state_dict(opt, state["critic_optimizer_param_groups"],
-                                                                  state["critic_optimizer_scalars"]))
-            critic_scaler.load_state_dict(state["critic_scaler"])
-        print0(f"critic restored ({len(trainable_state(value_head or critic)):,} tensors), kl_coef {kl_coef:.4g}")
+        kl_coef = restore_critic(resume, cfg, value_head or critic, critic_optimizer, critic_scaler)
     train_model = modeling.wrap_model(model, cfg, dist)
     if critic is not None:
         train_critic = modeling.wrap_model(critic, cfg, dist)
@@ -477,27 +660,19 @@ def train(cfg: PPOConfig) -> None:
         train_critic = (nn.parallel.DistributedDataParallel(value_head, device_ids=[dist.device.index]
                                                             if dist.device.type == "cuda" else None)
                         if dist.world_size > 1 else value_head)
-    shared_head = train_critic if cfg.shared_critic else None
+    # the value loss's weight: beside the policy's in the shared trunk; alone (1) in a separate critic's optimizer
+    vf_coef = (0.1 if cfg.vf_coef is None else cfg.vf_coef) if cfg.shared_critic else 1.0
+    ac = ActorCritic(train_model, train_critic, cfg.shared_critic, optimizer, scaler, critic_optimizer, critic_scaler,
+                     vf_coef)
     seq_len = cfg.max_prompt_length + cfg.max_new_tokens
-    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len),
+                                 wandb_run_id)
     logger.log_data(data.summary)
-    rows_per_rank = cfg.batch_size * cfg.accumulation_steps
-    mini_rows = rows_per_rank // cfg.num_mini_batches
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} prompts (one completion each), {cfg.ppo_epochs} "
-           f"epoch(s) x {cfg.num_mini_batches} minibatch(es) of {mini_rows} per rank, kl_coef {kl_coef:g}"
+           f"epoch(s) x {cfg.num_mini_batches} minibatch(es) of "
+           f"{cfg.batch_size * cfg.accumulation_steps // cfg.num_mini_batches} per rank, kl_coef {kl_coef:g}"
            + (f" adapting toward {cfg.target_kl:g}" if cfg.target_kl else " fixed")
            + f", {dist.world_size} rank(s), {str(dtype).replace('torch.', '')} on {dist.device}")
-
-    def method_checkpoint() -> tuple[dict, dict]:
-        state = {"kl_coef": kl_coef, "critic": "shared" if cfg.shared_critic else "separate"}
-        tensors = {("value_head." if cfg.shared_critic else "critic.") + name: p
-                   for name, p in trainable_state(train_critic).items()}
-        if critic_optimizer is not None:
-            opt_tensors, groups, scalars = checkpointing.optimizer_state_tensors(critic_optimizer)
-            tensors.update({f"critic_{k}": v for k, v in opt_tensors.items()})
-            state.update(critic_optimizer_param_groups=groups, critic_optimizer_scalars=scalars,
-                         critic_scaler=critic_scaler.state_dict())
-        return state, tensors
 
     step = start_step
     while True:
@@ -505,167 +680,48 @@ def train(cfg: PPOConfig) -> None:
         just_resumed = cfg.resume and step == start_step
         with logger.paused():
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
-                logger.log_eval(step, evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                logger.log_eval(step, evaluation.evaluate_tasks_hook(ac.policy, tokenizer, cfg, dist, amp))
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                ranks = min(distributed.check_replicas(train_model, dist), distributed.check_replicas(train_critic, dist))
+                ranks = min(distributed.check_replicas(ac.policy, dist), distributed.check_replicas(ac.critic, dist))
                 if ranks > 1:
                     print0(f"replicas: policy and critic parameters identical on {ranks} ranks")
-                method_state, method_tensors = method_checkpoint()
-                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
-                                         "ppo", metadata={"data": data.summary, "init_from": cfg.init_from,
-                                                          "reward_model": cfg.reward_model},
-                                         final=last_step, method_state=method_state, method_tensors=method_tensors)
+                method_state, method_tensors = critic_checkpoint(ac, kl_coef)
+                checkpointing.save_training_checkpoint(
+                    cfg, dist, step, ac.policy, tokenizer, optimizer, scaler, sampler, logger, "ppo",
+                    metadata={"data": data.summary, "init_from": cfg.init_from, "reward_model": cfg.reward_model},
+                    final=last_step, method_state=method_state, method_tensors=method_tensors)
         if last_step:
             break
         warmup = step < cfg.critic_warmup_steps
 
-        # ---- 1. rollout: one completion per prompt, scored ----
+        # ---- 1. rollout: one completion per prompt, scored; old and reference log-probs, values (no gradient) ----
         indices = [i for micro in sampler.next_step() for i in micro]
-        started, completions, finished = time.time(), [], []
-        for start in range(0, len(indices), cfg.generation_batch_size):
-            chunk = indices[start:start + cfg.generation_batch_size]
-            with amp:
-                out = sequences.rollout(train_model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
-                              tokenizer.eos_id, tokenizer.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)
-            completions += out.completions
-            finished += out.finished.tolist()
-        rollout_seconds = time.time() - started
-        ids, attention, mask, _ = sequences.pack_sequences([prompts.ids[i] for i in indices], completions, tokenizer.pad_id,
-                                                 dist.device)
-        finished_t = torch.tensor(finished, device=dist.device)
-        scores = torch.zeros(len(indices), device=dist.device)
-        per_function = {}
-        if reward is not None:
-            total, per_function = reward([prompts.text(i) for i in indices],
-                                         [tokenizer.decode(c) for c in completions], prompts.columns(indices))
-            scores += torch.tensor(total, device=dist.device)
+        batch = collect_rollouts(ac, reference, reward, reward_model, prompts, indices, tokenizer, cfg, amp,
+                                 dist.device)
 
-        # ---- 2. old and reference log-probs, values, reward model scores (no gradient) ----
-        old_logp, ref_logp, old_values, rm_scores = [], [], [], []
-        with torch.no_grad(), amp:
-            for start in range(0, len(indices), cfg.batch_size):
-                rows = slice(start, start + cfg.batch_size)
-                logp, _, values = policy_forward(train_model, shared_head, ids[rows], attention[rows], cfg.temperature,
-                                                 with_entropy=False)
-                if values is None:
-                    values = critic_values(train_critic, ids[rows], attention[rows])
-                old_logp.append(logp)
-                old_values.append(values.float())
-                ref_logp.append(sequences.reference_logprobs(reference, train_model, ids[rows], attention[rows],
-                                                   cfg.temperature).float())
-                if reward_model is not None:
-                    rm_scores.append(reward_model(ids[rows], attention[rows]).float())
-        old_logp, ref_logp, old_values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(old_values) * mask
-        if reward_model is not None:
-            rm_scores = torch.cat(rm_scores)
-            scores += cfg.reward_model_weight * rm_scores
-        scores -= cfg.missing_eos_penalty * (~finished_t).float()
+        # ---- 2. per-token rewards (KL penalty + score), GAE, whitened advantages ----
+        rewards, kl = per_token_rewards(batch.scores, batch.old_logp, batch.ref_logp, batch.mask, kl_coef)
+        advantages, returns = gae(rewards, batch.old_values, batch.mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, batch.mask, shift_mean=not cfg.whiten_keep_mean)
 
-        # ---- 3. per-token rewards (KL penalty + score), GAE, whitened advantages ----
-        rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, kl_coef)
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask, shift_mean=not cfg.whiten_keep_mean)
-
-        # ---- 4. PPO epochs over shuffled minibatches ----
-        sums = {k: 0.0 for k in ("pg", "vf", "entropy", "approxkl", "clipfrac", "vclipfrac", "tokens", "vtokens")}
-        epochs_run, grad_norm, critic_grad_norm = 0, torch.zeros(()), torch.zeros(())
+        # ---- 3. PPO epochs over shuffled minibatches: clipped policy loss, clipped value loss ----
         lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
         lr_critic = optim.cosine_lr(step, max_steps, cfg.warmup_steps, critic_lr, cfg.min_lr_ratio)
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(rows_per_rank).tolist()
-            epoch_kl = torch.zeros(2, device=dist.device, dtype=torch.float64)      # sum of approx KL, tokens
-            for mb in range(cfg.num_mini_batches):
-                mb_rows = order[mb * mini_rows:(mb + 1) * mini_rows]
-                mb_tokens = mask[mb_rows].sum().clamp(min=1)
-                chunks = [mb_rows[i:i + cfg.batch_size] for i in range(0, mini_rows, cfg.batch_size)]
-                for c, rows in enumerate(chunks):
-                    m = mask[rows]
-                    last_chunk = c == len(chunks) - 1
-                    with optim.sync_gradients(train_model, last_chunk), optim.sync_gradients(train_critic, last_chunk):
-                        policy_part = torch.zeros((), device=dist.device)
-                        if warmup:       # only the critic learns: the policy runs without gradient, if at all
-                            if cfg.shared_critic:
-                                with torch.no_grad(), amp:
-                                    hidden = train_model(ids[rows], attention_mask=attention[rows],
-                                                         compute_logits=False).hidden_states[:, :-1]
-                                with amp:
-                                    values = shared_head(hidden.detach())
-                            else:
-                                with amp:
-                                    values = critic_values(train_critic, ids[rows], attention[rows])
-                        else:
-                            with amp:
-                                logp, entropy, values = policy_forward(train_model, shared_head, ids[rows],
-                                                                       attention[rows], cfg.temperature)
-                                if values is None:
-                                    values = critic_values(train_critic, ids[rows], attention[rows])
-                            pg, low, high = clipped_surrogate(logp, old_logp[rows], advantages[rows], cfg.cliprange,
-                                                              cfg.cliprange, m)
-                            policy_part = ((pg - cfg.entropy_coef * entropy) * m).sum() / mb_tokens
-                            with torch.no_grad():
-                                kl_tokens = approx_kl(logp, old_logp[rows], m) * m
-                                epoch_kl += torch.stack([kl_tokens.sum(), m.sum()]).double()
-                                sums["pg"] += float((pg * m).sum())
-                                sums["entropy"] += float((entropy * m).sum())
-                                sums["approxkl"] += float(kl_tokens.sum())
-                                sums["clipfrac"] += float(((low | high).float() * m).sum())
-                                sums["tokens"] += float(m.sum())
-                        vf, vclipped = value_loss(values.float(), old_values[rows], returns[rows], cfg.cliprange_value)
-                        value_part = vf_coef * (vf * m).sum() / mb_tokens
-                        if critic is None:            # shared trunk: one loss, one backward
-                            scaler.scale(policy_part + value_part).backward()
-                        else:
-                            if not warmup:
-                                scaler.scale(policy_part).backward()
-                            critic_scaler.scale(value_part).backward()
-                    sums["vf"] += float((vf.detach() * m).sum())
-                    sums["vclipfrac"] += float((vclipped.float() * m).sum())
-                    sums["vtokens"] += float(m.sum())
-                if critic is None:
-                    grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
-                else:
-                    if not warmup:
-                        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
-                    critic_grad_norm = optim.optimizer_step(critic_optimizer, critic_scaler, lr_critic,
-                                                      cfg.critic_grad_clip)
-            epochs_run += 1
-            if cfg.target_approx_kl and not warmup:
-                if distributed.is_distributed():
-                    torch.distributed.all_reduce(epoch_kl)
-                if (epoch_kl[0] / epoch_kl[1].clamp(min=1)).item() > cfg.target_approx_kl:
-                    break
+        sums, epochs_run, grad_norm, critic_grad_norm = ppo_update(ac, batch, advantages, returns, cfg, lr,
+                                                                   lr_critic, warmup, amp)
 
-        # ---- 5. the KL coefficient for the next step ----
-        objective = {"objective/kl": kl.sum(-1).mean().item(), "objective/scores": scores.mean().item()}
+        # ---- 4. the KL coefficient for the next step ----
+        objective = {"objective/kl": kl.sum(-1).mean().item(), "objective/scores": batch.scores.mean().item()}
         objective = distributed.mean_over_ranks(objective, dist.device)
         kl_coef_used = kl_coef
         if cfg.target_kl:
             kl_coef = adaptive_kl_update(kl_coef, objective["objective/kl"], cfg.target_kl, sampler.global_batch,
                                          cfg.kl_horizon)
         step += 1
-        logger.tick(tokens=int(attention.sum()) * epochs_run * dist.world_size, samples=sampler.global_batch)
+        logger.tick(tokens=int(batch.attention.sum()) * epochs_run * dist.world_size, samples=sampler.global_batch)
 
         if step % cfg.log_interval == 0 or step == max_steps:
-            tokens, vtokens = max(sums["tokens"], 1.0), max(sums["vtokens"], 1.0)
-            lengths = [len(c) for c in completions]
-            metrics = {
-                "loss/value": sums["vf"] / vtokens, "val/clipfrac": sums["vclipfrac"] / vtokens,
-                "val/explained_variance": explained_variance(old_values, returns, mask),
-                "val/mean": sequences.masked_mean(old_values, mask).item(), "returns/mean": sequences.masked_mean(returns, mask).item(),
-                "objective/rlhf_reward": (scores - kl_coef_used * kl.sum(-1)).mean().item(),
-                "objective/non_score_reward": (-kl_coef_used * kl.sum(-1)).mean().item(),
-                "completions/mean_length": sum(lengths) / len(lengths),
-                "completions/clipped_ratio": 1 - sum(finished) / len(finished),
-                "rollout_tokens_per_sec": sum(lengths) / max(rollout_seconds, 1e-9),
-                "ppo/epochs": float(epochs_run), "critic/grad_norm": critic_grad_norm.item()}
-            if not warmup:
-                metrics.update({"loss/policy": sums["pg"] / tokens, "policy/entropy": sums["entropy"] / tokens,
-                                "policy/approxkl": sums["approxkl"] / tokens,
-                                "policy/clipfrac": sums["clipfrac"] / tokens})
-            if reward_model is not None:
-                metrics["rewards/reward_model/mean"] = rm_scores.mean().item()
-            for name, values in per_function.items():
-                metrics[f"rewards/{name}/mean"] = sum(values) / len(values)
+            metrics = step_metrics(batch, sums, kl, returns, kl_coef_used, epochs_run, critic_grad_norm, warmup)
             metrics = distributed.mean_over_ranks(metrics, dist.device)
             metrics["rollout_tokens_per_sec"] *= dist.world_size      # the ranks generate side by side
             metrics.update(objective)
@@ -676,6 +732,30 @@ def train(cfg: PPOConfig) -> None:
                                    "completions/mean_length"), **metrics)
     logger.close()
     print0(f"done: {cfg.out_dir}/final")
+
+
+# =============================================================================================================
+# === Extensions: the shared critic (--shared_critic), a value head on the policy's own hidden states ===
+# =============================================================================================================
+
+def shared_trunk_forward(train_model, value_head, ids, attention, temperature: float, with_entropy: bool = True):
+    """(log-probs [B, T-1], entropy [B, T-1] or None, values [B, T-1]) from one forward pass of the policy's trunk:
+    the fused kernel reads the log-probs from its hidden states, the value head reads the values from the same."""
+    hidden = train_model(ids, attention_mask=attention, compute_logits=False).hidden_states[:, :-1]   # [B, T-1, H]
+    B, T1, H = hidden.shape
+    out = fused_linear_logprobs(hidden.reshape(B * T1, H), unwrap(train_model).lm_head.weight,
+                                ids[:, 1:].reshape(B * T1), temperature=temperature, return_entropy=with_entropy)
+    logp, entropy = out if with_entropy else (out, None)
+    return (logp.view(B, T1).float(), None if entropy is None else entropy.view(B, T1).float(),
+            value_head(hidden))
+
+
+def shared_trunk_values(train_model, value_head, ids, attention, amp) -> torch.Tensor:
+    """Values [B, T-1] while only the critic learns: the trunk runs without gradient, the head learns alone."""
+    with torch.no_grad(), amp:
+        hidden = train_model(ids, attention_mask=attention, compute_logits=False).hidden_states[:, :-1]
+    with amp:
+        return value_head(hidden.detach())
 
 
 def main(argv: list[str] | None = None) -> None:
