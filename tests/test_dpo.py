@@ -30,11 +30,11 @@ from minitrain.model.lora import LoRAConfig, apply_lora
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer import make_pairs, train_dpo
 from minitrain.trainer.distributed import DistInfo
-from minitrain.trainer.train_dpo import (BetaTracker, DPOConfig, beta_dpo_beta, cached_reference_logps,
-                                         compute_reference_logps, filter_pairs, gap_weights, hinge_loss, ipo_loss,
-                                         live_reference_logps, pair_losses, quantile_update, reference_cache_path,
-                                         reference_fingerprint, risk_beta, rpo_loss, sequence_logps, sft_loss,
-                                         sigmoid_loss)
+from minitrain.trainer.sequences import (cached_reference_logps, compute_reference_logps, live_reference_logps,
+                                         reference_cache_path, reference_fingerprint)
+from minitrain.trainer.train_dpo import (BetaTracker, DPOConfig, beta_dpo_beta, filter_pairs, gap_weights, hinge_loss,
+                                         ipo_loss, pair_losses, quantile_update, risk_beta, rpo_loss, sequence_logps,
+                                         sft_loss, sigmoid_loss)
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_RANKS_TOLERANCE = 1e-4      # logged losses of 2 ranks vs 1 rank with 2x accumulation (float summation order)

@@ -11,7 +11,8 @@ script needs is written once, in the module named for its job:
     optim           AdamW groups, cosine_lr, autocast, GradScaler, gradient accumulation, optimizer_step
     reporting       RunLogger (console line, progress bar, metrics.jsonl, wandb), FLOPs and MFU
     evaluation      validation loss, --eval_tasks accuracy, sample completions
-    sequences       per-token log-probs through the fused kernel, rollouts (RL and make_pairs)
+    sequences       per-token log-probs through the fused kernel, rollouts (RL and make_pairs), reference log-probs
+                    computed once (DPO)
     rewards         reward functions (--reward_funcs) and reward models (RL and make_pairs)
     checkpointing   Hugging Face checkpoints with resume state beside them, written atomically; exact resume
 """

@@ -1,4 +1,4 @@
-"""Sequences for the preference and RL methods: per-token log-probabilities and rollouts.
+"""Sequences for the preference and RL methods: per-token log-probs, rollouts, reference log-probs computed once.
 
     gather_logprobs      log p(x_t+1 | x_<=t) [B, T-1] through the fused kernel: no [B, T, V] logits are held
     reference_logprobs   the same under the frozen reference (or the LoRA base), without gradients
@@ -8,20 +8,32 @@
     step_token_count     the completion tokens of a whole optimizer step, all ranks: the divisor of a global token mean
     masked_mean          the mean of values where mask is 1
 
+Reference log-probs computed once (preference pairs, train_dpo.py --precompute_ref_logps): live_reference_logps sums
+a batch's reference log-probs over its loss_mask; compute_reference_logps does so for every pair of a dataset, the
+ranks sharing the work; cached_reference_logps keeps the result in a file named by reference_fingerprint.
+
 The objectives built on these live in the method scripts: PPO-clip in train_ppo.py, the k3 KL in train_grpo.py.
 """
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 
+from safetensors import safe_open
+from safetensors.torch import save_file
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
+from minitrain.dataset.files import file_sha256
 from minitrain.kernels import fused_linear_logprobs
+from minitrain.model.checkpoint import weight_files
 from minitrain.model.generate import generate
-from minitrain.model.lora import adapters_disabled
+from minitrain.model.lora import adapters_disabled, has_lora
 from minitrain.model.transformer import unwrap
-from minitrain.trainer.distributed import is_distributed
+from minitrain.trainer import batches
+from minitrain.trainer.distributed import all_gather_rows, broadcast_text, is_distributed
 
 
 def gather_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -129,3 +141,82 @@ def reference_logprobs(reference: nn.Module | None, model: nn.Module, input_ids:
         logp = gather_logprobs(raw, input_ids, attention_mask, temperature)
     raw.train(was_training)
     return logp
+
+
+# ---- reference log-probs computed once (preference pairs) ---------------------------------------------------------
+
+@torch.no_grad()
+def live_reference_logps(reference, model, batch: dict) -> torch.Tensor:
+    """The reference's log-probs summed over each row's loss_mask ([rows], [2B] for a batch of pairs): the frozen copy,
+    or (reference None, LoRA) the policy with its adapters off."""
+    logp = reference_logprobs(reference, model, batch["input_ids"], batch["attention_mask"]).float()
+    return (logp * batch["loss_mask"]).sum(-1)
+
+
+def reference_fingerprint(data_files: dict[str, str], checkpoint: str, tokenizer_path: str, max_seq_len: int,
+                          dtype: torch.dtype, model_overrides: dict | None = None) -> dict:
+    """What the reference log-probs depend on: the prepared files' bytes, the reference checkpoint (its resolved
+    path, config.json's bytes, and each weight file's size and modification time: a checkpoint rewritten in place
+    changes them), model fields given as flags, the tokenizer, --max_seq_len (it decides truncation and drops) and
+    the compute dtype."""
+    weights = [{"file": os.path.basename(p), "size": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns}
+               for p in weight_files(checkpoint)]
+    return {"data": {split: file_sha256(path) for split, path in data_files.items()},
+            "reference": {"path": os.path.realpath(checkpoint), "weights": weights,
+                          "config_sha256": file_sha256(os.path.join(checkpoint, "config.json"))},
+            "model_overrides": model_overrides or {}, "tokenizer_sha256": file_sha256(tokenizer_path),
+            "max_seq_len": max_seq_len, "dtype": str(dtype).replace("torch.", "")}
+
+
+def reference_cache_path(directory: str, fingerprint: dict) -> str:
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(directory, f"ref_logps-{key}.safetensors")
+
+
+@torch.no_grad()
+def compute_reference_logps(model, datasets: dict, batch_size: int, collate, dist, amp) -> dict[str, torch.Tensor]:
+    """{split: [N, 2]} reference sums (chosen, rejected) of every pair of each PreferenceDataset (batched by collate:
+    chosen rows first, then rejected), in one pass of `model` as the reference
+    (adapters off under LoRA). Rank r computes pairs r, r + W, ...; the results are all-gathered."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    out = {}
+    for split, data in datasets.items():
+        mine = list(range(dist.rank, len(data), dist.world_size))
+        per_rank = -(-len(data) // dist.world_size)                          # ceil(N / W)
+        local = torch.zeros(per_rank, 2, device=dist.device)
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start:start + batch_size]
+            batch = batches.load_batch(data, indices, dist.device, collate)
+            with amp:
+                sums = live_reference_logps(None if has_lora(raw) else raw, raw, batch)
+            B = len(indices)
+            local[start:start + B] = torch.stack([sums[:B], sums[B:]], dim=1)
+        gathered = all_gather_rows(local[None])                                  # [W, per_rank, 2]
+        out[split] = gathered.transpose(0, 1).reshape(-1, 2)[:len(data)].cpu()   # pair k W + r <- rank r, slot k
+    raw.train(was_training)
+    return out
+
+
+def cached_reference_logps(path: str, fingerprint: dict, compute, dist) -> tuple[dict[str, torch.Tensor], bool]:
+    """The reference log-probs saved at `path` when their fingerprint matches (reused: True), else compute() and
+    save them there (rank 0 writes, atomically). Rank 0 decides, so that every rank takes part in compute() or
+    none does; the file is read by every rank, like the prepared data (a filesystem the ranks share)."""
+    expected = json.dumps(fingerprint, sort_keys=True)
+    matches = "no"
+    if dist.is_main and os.path.isfile(path):
+        with safe_open(path, framework="pt") as f:
+            matches = "yes" if (f.metadata() or {}).get("fingerprint") == expected else "no"
+    if broadcast_text(matches, dist.device) == "yes":
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, True
+    tensors = compute()
+    if dist.is_main:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": expected})
+        os.replace(tmp, path)
+    if is_distributed():
+        tdist.barrier()
+    return tensors, False
+

@@ -23,8 +23,8 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
 
 A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it.
 
-  arguments  DPOConfig: the flags every trainer shares (trainer/configuration.py), the losses and their weights, beta and
-             its dynamic rules, the reference.
+  arguments  DPOConfig: the flags every trainer shares (trainer/configuration.py), the losses and their weights, beta,
+             the reference, and the extensions' flags (the reference computed once, dynamic beta).
   data       the dpo mixture (config/data/dpo/, or --data_config / --data_path): rows of {"prompt", "chosen",
              "rejected"} (strings or message lists), chat rows whose last assistant turn differs, or Anthropic-HH
              pairs, checked and rewritten to prompt messages + one assistant answer each (dataset/formats.py).
@@ -33,13 +33,13 @@ A bare run does what the config dataclass below shows; `--config recipe.yaml` an
              <|im_end|> (render_chat's assistant mask). A side longer than --max_seq_len is cut at the end; a pair
              left without an answer token on either side is dropped (counted and printed).
   model      --init_from (required) is the policy; the reference is a frozen copy of it (or, under --lora_rank, the
-             same model with its adapters off; or, with --precompute_ref_logps, log-probs computed once before
-             training and cached beside the prepared data; or nothing with --reference_free).
+             same model with its adapters off; or nothing with --reference_free; or, with --precompute_ref_logps,
+             log-probs computed once before training and cached beside the prepared data: an extension, below).
   loop       chosen and rejected answers go through the model together, one [2B, T] batch; per-token log-probs come
              from the fused kernel (sequences.gather_logprobs), never [2B, T, V] logits. Loss = sum over --loss_type
-             of weight * loss, averaged over pairs; beta fixed or adapted at each micro-step (--beta_mode).
-             Every --eval_interval steps: the same losses and metrics on the validation split (eval records) and
-             --eval_tasks accuracy.
+             of weight * loss at beta = --beta, averaged over the pairs (the paper's DPO with --loss_type sigmoid);
+             --beta_mode adapts beta at each micro-step instead (an extension, below). Every --eval_interval steps:
+             the same losses and metrics on the validation split (eval records) and --eval_tasks accuracy.
   save       OUT_DIR/step_XXXXXX/ (+ the beta tracker in the resume state), OUT_DIR/final, OUT_DIR/metrics.jsonl
              (TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
              logps/rejected, beta), OUT_DIR/margins.jsonl (every training pair of every step: step, row, margin and
@@ -49,30 +49,22 @@ Shape notation: B pairs per micro-batch, T the longest prompt + answer of the ba
 and rows [B, 2B) the rejected ones. Implicit reward of an answer y: r(y) = beta * (log pi(y|x) - log pi_ref(y|x)),
 summed over the answer's tokens; reported at the configured --beta whatever --beta_mode does, so that runs compare.
 
-Dynamic beta (--beta_mode). "The batch" is what goes through the model together: the B pairs of one micro-step on
-every rank (all-gathered, so every rank computes the same beta and the same running statistics). The gap of a pair
-is M_i = h_i = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)), as β-DPO's code takes it. With
-gradient accumulation each micro-step adapts beta from its own pairs, so W ranks x A accumulation steps give the
-losses of 1 rank x W*A steps only with --beta_mode fixed.
+The file reads: the config, the losses (each a formula of its paper), the log-probs, train(), then the extensions
+(the reference log-probs computed once, dynamic beta: β-DPO and risk-aware), then main.
 """
 
-import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
 
-from safetensors import safe_open
-from safetensors.torch import save_file
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from minitrain.dataset.files import file_sha256
 from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.preference import PreferenceDataset, collate_pairs
-from minitrain.model.checkpoint import weight_files
 from minitrain.model.lora import has_lora
 from minitrain.model.transformer import unwrap
 from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
@@ -112,30 +104,30 @@ class DPOConfig(TrainConfig):
                                                        "implicit rewards are beta * log-ratio)"})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "cDPO's epsilon, the assumed probability that a pair's labels are flipped (sigmoid loss only)"})
-    # ---- reference ----
+    # ---- reference (--precompute_ref_logps is an extension, below train()) ----
     reference_free: bool = field(default=False, metadata={"help": "no reference: its log-probs are taken as 0"})
     precompute_ref_logps: bool = field(default=False, metadata={
         "help": "compute the reference log-probs in one pass before training, cached beside the prepared data "
                 "(reused while the data, --init_from and --max_seq_len are unchanged); no reference model is held"})
-    # ---- dynamic beta ----
+    # ---- dynamic beta (an extension, below train()) ----
     beta_mode: str = field(default="fixed", metadata={
         "help": "fixed; beta_dpo (β-DPO: beta grows with the batch gap over its running mean); risk (beta grows when "
                 "the batch gap falls below a running quantile of past gaps)", "choices": list(BETA_MODES)})
     beta_min: float = field(default=1e-3, metadata={"help": "dynamic beta is never below this"})
     beta_max: float = field(default=1.0, metadata={"help": "dynamic beta is never above this"})
-    beta_momentum: float = field(default=0.9, metadata={"help": "m of the running gap mean and std: M_0 <- m M_0 + "
-                                                                "(1 - m) M_batch, from 0 and before beta (as "
-                                                                "β-DPO's code)"})
-    beta_dpo_alpha: float = field(default=0.5, metadata={"help": "β-DPO's alpha: beta = beta0 (1 + alpha (M_batch - "
-                                                                 "M_0))"})
+    beta_momentum: float = field(default=0.9, metadata={
+        "help": "m of the running gap mean and std: M_0 <- m M_0 + (1 - m) M_batch, from 0 and before beta (as β-DPO's "
+                "code)"})
+    beta_dpo_alpha: float = field(default=0.5, metadata={
+        "help": "β-DPO's alpha: beta = beta0 (1 + alpha (M_batch - M_0))"})
     beta_filter_keep: float = field(default=1.0, metadata={
         "help": "β-DPO's filter: keep this fraction of each batch's pairs, drawn without replacement with weight "
                 "exp(-(M_i - M_0)^2 / (2 sigma^2)); 1 = no filtering (beta_dpo mode only)"})
     risk_quantile: float = field(default=0.25, metadata={"help": "tau of the tracked gap quantile (risk mode)"})
-    risk_lr: float = field(default=0.05, metadata={"help": "step of the quantile update q <- q + lr (tau - "
-                                                           "fraction of gaps below q) (risk mode)"})
-    risk_scale: float = field(default=0.1, metadata={"help": "kappa: beta = beta0 exp(kappa (q - M_batch)) (risk "
-                                                             "mode)"})
+    risk_lr: float = field(default=0.05, metadata={
+        "help": "step of the quantile update q <- q + lr (tau - fraction of gaps below q) (risk mode)"})
+    risk_scale: float = field(default=0.1, metadata={
+        "help": "kappa: beta = beta0 exp(kappa (q - M_batch)) (risk mode)"})
     # ---- logging ----
     log_margins: bool = field(default=True, metadata={"help": "append every training pair's margin and rewards to "
                                                               "OUT_DIR/margins.jsonl at every step"})
@@ -264,8 +256,251 @@ def pair_losses(names: list[str], weights: list[float], logps: dict[str, torch.T
 
 
 # =============================================================================================================
-# Dynamic beta: the rules as pure functions, and the tracker that applies them (state saved in checkpoints)
+# Log-probabilities: the policy's (one concatenated batch) and the reference's (a frozen copy, adapters off, none, or
+# precomputed), then TRL's metrics
 # =============================================================================================================
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's answer tokens and their count: ([2B], [2B]), one forward pass of [2B, T]."""
+    logp = sequences.gather_logprobs(model, batch["input_ids"], batch["attention_mask"]).float()    # [2B, T - 1]
+    mask = batch["loss_mask"]
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+class Reference:
+    """Where the reference log-probs of a batch come from: precomputed (batch["ref"]), none (reference-free: 0),
+    the frozen copy, or the LoRA policy with its adapters off."""
+
+    def __init__(self, kind: str, model=None):
+        self.kind, self.model = kind, model
+
+    def logps(self, policy, batch: dict, amp) -> torch.Tensor:
+        B = batch["index"].numel()
+        if self.kind == "precomputed":
+            return torch.cat([batch["ref"][:, 0], batch["ref"][:, 1]])
+        if self.kind == "none":
+            return torch.zeros(2 * B, device=batch["input_ids"].device)
+        with amp:
+            return sequences.live_reference_logps(self.model, policy, batch)
+
+
+def split_logps(policy_sums: torch.Tensor, tokens: torch.Tensor, ref_sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    B = policy_sums.numel() // 2
+    return {"pc": policy_sums[:B], "pr": policy_sums[B:], "rc": ref_sums[:B].detach(), "rr": ref_sums[B:].detach(),
+            "nc": tokens[:B], "nr": tokens[B:]}
+
+
+def pair_metrics(logps: dict[str, torch.Tensor], beta0: float) -> dict[str, torch.Tensor]:
+    """TRL's per-pair quantities ([B] each): implicit rewards at beta0, accuracy, margin, policy log-probs."""
+    chosen = beta0 * (logps["pc"] - logps["rc"]).detach()
+    rejected = beta0 * (logps["pr"] - logps["rr"]).detach()
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected,
+            "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": chosen - rejected,
+            "logps/chosen": logps["pc"].detach(), "logps/rejected": logps["pr"].detach()}
+
+
+# =============================================================================================================
+# Evaluation on the validation split, and the margins log
+# =============================================================================================================
+
+@torch.no_grad()
+def evaluate_preferences(model, reference: Reference, dataset: PreferenceDataset, cfg: DPOConfig, names, weights,
+                         collate, dist, amp) -> dict[str, float]:
+    """Loss (at beta0, every pair) and TRL's metrics over the first --eval_batches batches of the validation split;
+    batch b goes to rank b % W and the sums are all-reduced, so the numbers do not depend on the number of ranks."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected"]
+    totals = torch.zeros(len(keys) + 1, device=dist.device, dtype=torch.float64)      # sums, then the pair count
+    starts = list(range(0, min(len(dataset), cfg.eval_batches * cfg.batch_size), cfg.batch_size))
+    for b in range(dist.rank, len(starts), dist.world_size):
+        indices = list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset))))
+        batch = batches.load_batch(dataset, indices, dist.device, collate)
+        with amp:
+            sums, tokens = sequence_logps(raw, batch)
+        logps = split_logps(sums, tokens, reference.logps(raw, batch, amp))
+        loss, _ = pair_losses(names, weights, logps, cfg.beta, cfg.label_smoothing)
+        metrics = {"loss": loss, **pair_metrics(logps, cfg.beta)}
+        totals[:-1] += torch.stack([metrics[k].double().sum() for k in keys])
+        totals[-1] += len(indices)
+    if distributed.is_distributed():
+        tdist.all_reduce(totals)
+    raw.train(was_training)
+    count = max(totals[-1].item(), 1.0)
+    return {k: totals[i].item() / count for i, k in enumerate(keys)}
+
+
+def write_margins(path: str, step: int, rows: torch.Tensor, dist) -> None:
+    """Append one {"step", "row", "margin", "chosen", "rejected"} line per training pair of the step (rank 0)."""
+    if not dist.is_main:
+        return
+    with open(path, "a") as f:
+        for index, margin, chosen, rejected in rows.cpu().tolist():
+            f.write(json.dumps({"step": step, "row": int(index), "margin": margin, "chosen": chosen,
+                                "rejected": rejected}) + "\n")
+
+
+# =============================================================================================================
+# Training
+# =============================================================================================================
+
+def train(cfg: DPOConfig) -> None:
+    dist = distributed.setup_distributed(cfg.device)
+    checkpointing.check_out_dir(cfg)
+    names, weights = parse_losses(cfg.loss_type, cfg.loss_weights)
+
+    # ---- model: the policy, and the reference taken before any training (a copy, or the adapters switched off) ----
+    distributed.seed_everything(cfg.seed)
+    model, tokenizer = modeling.build_model(cfg, dist.device)
+    print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}")
+
+    # ---- data: pairs -> prompt + answer ids, loss on the answers ----
+    data = batches.prepare_phase_data("dpo", cfg, tokenizer, dist)
+    print0(format_summary(data.summary))
+    train_set = PreferenceDataset(data.train_file, tokenizer, cfg.max_seq_len)
+    val_set = PreferenceDataset(data.val_file, tokenizer, cfg.max_seq_len) if data.val_file else None
+    print0(f"train: {train_set.describe()}")
+    if val_set is not None:
+        print0(f"validation: {val_set.describe()}")
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_id)
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size,
+                                         dist.rank, cfg.seed)
+    max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
+    amp = optim.autocast_context(dist.device, dtype)
+
+    if cfg.reference_free:
+        reference = Reference("none")
+        print0("reference: none (--reference_free: reference log-probs are 0)")
+    elif cfg.precompute_ref_logps:                  # an extension, below
+        reference = precomputed_reference(cfg, model, train_set, val_set, data.directory, tokenizer.path, collate,
+                                          dist, amp, dtype)
+    elif has_lora(model):
+        reference = Reference("adapters_off")
+        print0("reference: the policy with its LoRA adapters off (no copy)")
+    else:
+        reference = Reference("copy", modeling.frozen_reference(model))
+        print0("reference: a frozen copy of the starting policy")
+
+    # ---- optimisation ----
+    optimizer = optim.build_optimizer(model, cfg, dist.device)
+    scaler = optim.make_grad_scaler(dist.device, dtype)
+    tracker = BetaTracker(cfg)                      # dynamic beta (an extension, below); saved in every checkpoint
+    distributed.seed_everything(cfg.seed + dist.rank)
+    start_step, wandb_run_id = 0, None
+    margins_path = os.path.join(cfg.out_dir, "margins.jsonl")
+    if cfg.resume:
+        resume = checkpointing.load_resume_state(cfg.out_dir)
+        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
+        start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
+        if resume.method_state:
+            tracker.load_state_dict(resume.method_state)
+            print0(f"beta tracker restored: {tracker.state_dict()}")
+        if dist.is_main:
+            checkpointing.truncate_metrics(margins_path, resume.step)
+    train_model = modeling.wrap_model(model, cfg, dist)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
+                                 wandb_run_id)
+    logger.log_data(data.summary)
+    losses = " + ".join(f"{w:g} x {n}" for n, w in zip(names, weights))
+    print0(f"training: {max_steps:,} steps of {sampler.global_batch} pairs of at most {cfg.max_seq_len} tokens a "
+           f"side ({sampler.steps_per_epoch:,} steps/epoch), loss {losses}, beta {cfg.beta:g} ({cfg.beta_mode}), "
+           f"{dist.world_size} rank(s), {str(dtype).replace('torch.', '')} on {dist.device}")
+    beta0 = torch.tensor(cfg.beta, device=dist.device)      # the logged beta of a fixed-beta run, copied once
+
+    # ---- loop: evaluate, save, stop or take one step ----
+    step = start_step
+    while True:
+        last_step = step == max_steps
+        just_resumed = cfg.resume and step == start_step
+        with logger.paused():
+            if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+                metrics = {} if val_set is None else evaluate_preferences(train_model, reference, val_set, cfg, names,
+                                                                          weights, collate, dist, amp)
+                metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
+                logger.log_eval(step, metrics)
+            if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
+                checkpointing.save_training_checkpoint(
+                    cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger, "dpo",
+                    metadata={"data": data.summary, "init_from": cfg.init_from, "reference": reference.kind},
+                    final=last_step, method_state=tracker.state_dict())
+        if last_step:
+            break
+
+        sums, step_tokens, margin_rows = {}, 0, []
+        for micro, indices in enumerate(sampler.next_step()):
+            batch = batches.load_batch(train_set, indices, dist.device, collate)
+            step_tokens += sum(train_set.lengths[i] for i in indices)    # = attention_mask.sum(), counted on the host
+            with optim.sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
+                with amp:
+                    policy_sums, tokens = sequence_logps(train_model, batch)         # [2B], one forward of [2B, T]
+                logps = split_logps(policy_sums, tokens, reference.logps(train_model, batch, amp))
+                if cfg.beta_mode == "fixed":    # the mean over the B pairs (DDP averages the ranks: the global mean)
+                    per_pair, parts = pair_losses(names, weights, logps, cfg.beta, cfg.label_smoothing)   # [B]
+                    loss, beta = per_pair.sum() / len(indices), beta0
+                else:                           # an extension, below: beta (and the pairs kept) from the gaps
+                    loss, parts, beta = dynamic_beta_loss(tracker, logps, names, weights, cfg, dist, step, micro)
+                scaler.scale(loss / cfg.accumulation_steps).backward()
+            pair = pair_metrics(logps, cfg.beta)                                           # [B] each, at beta0
+            values = {"loss": loss.detach(), "beta": beta,
+                      **{f"loss/{n}": p.detach().mean() for n, p in parts.items() if len(parts) > 1},
+                      **{k: v.mean() for k, v in pair.items()}}
+            for k, v in values.items():                  # on the device: read at log steps only
+                sums[k] = sums.get(k, 0.0) + v.float() / cfg.accumulation_steps
+            if cfg.log_margins:
+                margin_rows.append(torch.stack([batch["index"].double(), pair["rewards/margins"].double(),
+                                                pair["rewards/chosen"].double(), pair["rewards/rejected"].double()], 1))
+        lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        step += 1
+        logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
+        if cfg.log_margins:
+            write_margins(margins_path, step, distributed.all_gather_rows(torch.cat(margin_rows)), dist)
+        if step % cfg.log_interval == 0 or step == max_steps:
+            metrics = distributed.mean_over_ranks({k: v.item() for k, v in sums.items()}, dist.device)
+            if cfg.beta_mode != "fixed":
+                metrics.update(tracker.running_stats())
+            loss_value = metrics.pop("loss")
+            logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
+                             show=("rewards/accuracies", "rewards/margins", "beta"), **metrics)
+    logger.close()
+    print0(f"done: {cfg.out_dir}/final")
+
+
+# =============================================================================================================
+# Extensions: the reference log-probs computed once (--precompute_ref_logps), dynamic beta (--beta_mode)
+# =============================================================================================================
+
+# ---- the reference log-probs computed once: the plumbing is sequences.py's, the wiring here ----
+
+def precomputed_reference(cfg: DPOConfig, model, train_set: PreferenceDataset, val_set: PreferenceDataset | None,
+                          directory: str, tokenizer_path: str, collate, dist, amp, dtype) -> Reference:
+    """The reference log-prob sums of every pair, computed in one pass before training (the model, before any
+    update, as the reference) and cached in `directory` (sequences.cached_reference_logps: reused while the data,
+    --init_from and --max_seq_len are unchanged); the datasets carry them into each batch as batch["ref"], and no
+    reference model is held while training."""
+    splits = {"train": train_set, **({"val": val_set} if val_set is not None else {})}
+    fingerprint = sequences.reference_fingerprint({s: d.path for s, d in splits.items()}, cfg.init_from,
+                                                  tokenizer_path, cfg.max_seq_len, dtype, cfg.model_overrides)
+    path = sequences.reference_cache_path(directory, fingerprint)
+    logps, reused = sequences.cached_reference_logps(
+        path, fingerprint, lambda: sequences.compute_reference_logps(model, splits, cfg.batch_size, collate, dist, amp),
+        dist)
+    for split, dataset in splits.items():
+        dataset.set_reference(logps[split])
+    print0(f"reference: log-probs {'reused from' if reused else 'computed once and saved to'} {path}; no reference "
+           f"model is held")
+    return Reference("precomputed")
+
+
+# ---- dynamic beta: the rules as pure functions, the tracker that applies them (state saved in checkpoints) ----
+# "The batch" is what goes through the model together: the B pairs of one micro-step on every rank (all-gathered, so
+# every rank computes the same beta and the same running statistics). The gap of a pair is
+# M_i = h_i = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)), as β-DPO's code takes it. With
+# gradient accumulation each micro-step adapts beta from its own pairs, so W ranks x A accumulation steps give the
+# losses of 1 rank x W*A steps only with --beta_mode fixed.
 
 def ema(old: float, new: float, momentum: float) -> float:
     """x <- m x + (1 - m) x_new."""
@@ -368,313 +603,24 @@ class BetaTracker:
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.std, self.quantile, self.count = state["mean"], state["std"], state["quantile"], state["count"]
 
-
-# =============================================================================================================
-# Log-probabilities: policy (concatenated batch), reference (live, adapters off, precomputed, or none)
-# =============================================================================================================
-
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of each row's answer tokens and their count: ([2B], [2B]), one forward pass of [2B, T]."""
-    logp = sequences.gather_logprobs(model, batch["input_ids"], batch["attention_mask"]).float()    # [2B, T - 1]
-    mask = batch["loss_mask"]
-    return (logp * mask).sum(-1), mask.sum(-1)
+    def running_stats(self) -> dict[str, float]:
+        return {"gap/running_mean": self.mean, "gap/running_std": self.std, "gap/quantile": self.quantile}
 
 
-@torch.no_grad()
-def live_reference_logps(reference, model, batch: dict) -> torch.Tensor:
-    """[2B] reference sums: the frozen copy, or (reference None, LoRA) the policy with its adapters off."""
-    logp = sequences.reference_logprobs(reference, model, batch["input_ids"], batch["attention_mask"]).float()
-    return (logp * batch["loss_mask"]).sum(-1)
-
-
-class Reference:
-    """Where the reference log-probs of a batch come from: precomputed (batch["ref"]), none (reference-free: 0),
-    the frozen copy, or the LoRA policy with its adapters off."""
-
-    def __init__(self, kind: str, model=None):
-        self.kind, self.model = kind, model
-
-    def logps(self, policy, batch: dict, amp) -> torch.Tensor:
-        B = batch["index"].numel()
-        if self.kind == "precomputed":
-            return torch.cat([batch["ref"][:, 0], batch["ref"][:, 1]])
-        if self.kind == "none":
-            return torch.zeros(2 * B, device=batch["input_ids"].device)
-        with amp:
-            return live_reference_logps(self.model, policy, batch)
-
-
-def split_logps(policy_sums: torch.Tensor, tokens: torch.Tensor, ref_sums: torch.Tensor) -> dict[str, torch.Tensor]:
-    B = policy_sums.numel() // 2
-    return {"pc": policy_sums[:B], "pr": policy_sums[B:], "rc": ref_sums[:B].detach(), "rr": ref_sums[B:].detach(),
-            "nc": tokens[:B], "nr": tokens[B:]}
-
-
-def pair_metrics(logps: dict[str, torch.Tensor], beta0: float) -> dict[str, torch.Tensor]:
-    """TRL's per-pair quantities ([B] each): implicit rewards at beta0, accuracy, margin, policy log-probs."""
-    chosen = beta0 * (logps["pc"] - logps["rc"]).detach()
-    rejected = beta0 * (logps["pr"] - logps["rr"]).detach()
-    return {"rewards/chosen": chosen, "rewards/rejected": rejected,
-            "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": chosen - rejected,
-            "logps/chosen": logps["pc"].detach(), "logps/rejected": logps["pr"].detach()}
-
-
-# ---- precomputed reference log-probs -------------------------------------------------------------------------
-
-
-
-def reference_fingerprint(data_files: dict[str, str], checkpoint: str, tokenizer_path: str, max_seq_len: int,
-                          dtype: torch.dtype, model_overrides: dict | None = None) -> dict:
-    """What the reference log-probs depend on: the prepared files' bytes, the reference checkpoint (its resolved
-    path, config.json's bytes, and each weight file's size and modification time: a checkpoint rewritten in place
-    changes them), model fields given as flags, the tokenizer, --max_seq_len (it decides truncation and drops) and
-    the compute dtype."""
-    weights = [{"file": os.path.basename(p), "size": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns}
-               for p in weight_files(checkpoint)]
-    return {"data": {split: file_sha256(path) for split, path in data_files.items()},
-            "reference": {"path": os.path.realpath(checkpoint), "weights": weights,
-                          "config_sha256": file_sha256(os.path.join(checkpoint, "config.json"))},
-            "model_overrides": model_overrides or {}, "tokenizer_sha256": file_sha256(tokenizer_path),
-            "max_seq_len": max_seq_len, "dtype": str(dtype).replace("torch.", "")}
-
-
-def reference_cache_path(directory: str, fingerprint: dict) -> str:
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(directory, f"ref_logps-{key}.safetensors")
-
-
-@torch.no_grad()
-def compute_reference_logps(model, datasets: dict[str, PreferenceDataset], batch_size: int, collate, dist,
-                            amp) -> dict[str, torch.Tensor]:
-    """{split: [N, 2]} reference sums (chosen, rejected) of every pair, in one pass of `model` as the reference
-    (adapters off under LoRA). Rank r computes pairs r, r + W, ...; the results are all-gathered."""
-    raw = unwrap(model)
-    was_training = raw.training
-    raw.eval()
-    out = {}
-    for split, data in datasets.items():
-        mine = list(range(dist.rank, len(data), dist.world_size))
-        per_rank = -(-len(data) // dist.world_size)                          # ceil(N / W)
-        local = torch.zeros(per_rank, 2, device=dist.device)
-        for start in range(0, len(mine), batch_size):
-            indices = mine[start:start + batch_size]
-            batch = batches.load_batch(data, indices, dist.device, collate)
-            with amp:
-                sums = live_reference_logps(None if has_lora(raw) else raw, raw, batch)
-            B = len(indices)
-            local[start:start + B] = torch.stack([sums[:B], sums[B:]], dim=1)
-        gathered = distributed.all_gather_rows(local[None])                                  # [W, per_rank, 2]
-        out[split] = gathered.transpose(0, 1).reshape(-1, 2)[:len(data)].cpu()   # pair k W + r <- rank r, slot k
-    raw.train(was_training)
-    return out
-
-
-def cached_reference_logps(path: str, fingerprint: dict, compute, dist) -> tuple[dict[str, torch.Tensor], bool]:
-    """The reference log-probs saved at `path` when their fingerprint matches (reused: True), else compute() and
-    save them there (rank 0 writes, atomically). Rank 0 decides, so that every rank takes part in compute() or
-    none does; the file is read by every rank, like the prepared data (a filesystem the ranks share)."""
-    expected = json.dumps(fingerprint, sort_keys=True)
-    matches = "no"
-    if dist.is_main and os.path.isfile(path):
-        with safe_open(path, framework="pt") as f:
-            matches = "yes" if (f.metadata() or {}).get("fingerprint") == expected else "no"
-    if distributed.broadcast_text(matches, dist.device) == "yes":
-        with safe_open(path, framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, True
-    tensors = compute()
-    if dist.is_main:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": expected})
-        os.replace(tmp, path)
-    if distributed.is_distributed():
-        tdist.barrier()
-    return tensors, False
-
-
-# =============================================================================================================
-# Evaluation on the validation split
-# =============================================================================================================
-
-@torch.no_grad()
-def evaluate_preferences(model, reference: Reference, dataset: PreferenceDataset, cfg: DPOConfig, names, weights,
-                         collate, dist, amp) -> dict[str, float]:
-    """Loss (at beta0, every pair) and TRL's metrics over the first --eval_batches batches of the validation split;
-    batch b goes to rank b % W and the sums are all-reduced, so the numbers do not depend on the number of ranks."""
-    raw = unwrap(model)
-    was_training = raw.training
-    raw.eval()
-    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-            "logps/rejected"]
-    totals = torch.zeros(len(keys) + 1, device=dist.device, dtype=torch.float64)      # sums, then the pair count
-    starts = list(range(0, min(len(dataset), cfg.eval_batches * cfg.batch_size), cfg.batch_size))
-    for b in range(dist.rank, len(starts), dist.world_size):
-        indices = list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset))))
-        batch = batches.load_batch(dataset, indices, dist.device, collate)
-        with amp:
-            sums, tokens = sequence_logps(raw, batch)
-        logps = split_logps(sums, tokens, reference.logps(raw, batch, amp))
-        loss, _ = pair_losses(names, weights, logps, cfg.beta, cfg.label_smoothing)
-        metrics = {"loss": loss, **pair_metrics(logps, cfg.beta)}
-        totals[:-1] += torch.stack([metrics[k].double().sum() for k in keys])
-        totals[-1] += len(indices)
-    if distributed.is_distributed():
-        tdist.all_reduce(totals)
-    raw.train(was_training)
-    count = max(totals[-1].item(), 1.0)
-    return {k: totals[i].item() / count for i, k in enumerate(keys)}
-
-
-# =============================================================================================================
-# Training
-# =============================================================================================================
-
-def train(cfg: DPOConfig) -> None:
-    dist = distributed.setup_distributed(cfg.device)
-    checkpointing.check_out_dir(cfg)
-    names, weights = parse_losses(cfg.loss_type, cfg.loss_weights)
-
-    # ---- model: the policy, and the reference taken before any training (a copy, or the adapters switched off) ----
-    distributed.seed_everything(cfg.seed)
-    model, tokenizer = modeling.build_model(cfg, dist.device)
-    print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}")
-
-    # ---- data: pairs -> prompt + answer ids, loss on the answers ----
-    data = batches.prepare_phase_data("dpo", cfg, tokenizer, dist)
-    print0(format_summary(data.summary))
-    train_set = PreferenceDataset(data.train_file, tokenizer, cfg.max_seq_len)
-    val_set = PreferenceDataset(data.val_file, tokenizer, cfg.max_seq_len) if data.val_file else None
-    print0(f"train: {train_set.describe()}")
-    if val_set is not None:
-        print0(f"validation: {val_set.describe()}")
-    collate = partial(collate_pairs, pad_id=tokenizer.pad_id)
-    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
-                                 cfg.seed)
-    max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
-    dtype = optim.resolve_dtype(cfg.dtype, dist.device)
-    amp = optim.autocast_context(dist.device, dtype)
-
-    if cfg.reference_free:
-        reference = Reference("none")
-        print0("reference: none (--reference_free: reference log-probs are 0)")
-    elif cfg.precompute_ref_logps:
-        splits = {"train": train_set, **({"val": val_set} if val_set is not None else {})}
-        fingerprint = reference_fingerprint({s: d.path for s, d in splits.items()}, cfg.init_from, tokenizer.path,
-                                            cfg.max_seq_len, dtype, cfg.model_overrides)
-        path = reference_cache_path(data.directory, fingerprint)
-        logps, reused = cached_reference_logps(
-            path, fingerprint, lambda: compute_reference_logps(model, splits, cfg.batch_size, collate, dist, amp),
-            dist)
-        for split, dataset in splits.items():
-            dataset.set_reference(logps[split])
-        reference = Reference("precomputed")
-        print0(f"reference: log-probs {'reused from' if reused else 'computed once and saved to'} {path}; no "
-               f"reference model is held")
-    elif has_lora(model):
-        reference = Reference("adapters_off")
-        print0("reference: the policy with its LoRA adapters off (no copy)")
-    else:
-        reference = Reference("copy", modeling.frozen_reference(model))
-        print0("reference: a frozen copy of the starting policy")
-
-    # ---- optimisation ----
-    optimizer = optim.build_optimizer(model, cfg, dist.device)
-    scaler = optim.make_grad_scaler(dist.device, dtype)
-    tracker = BetaTracker(cfg)
-    distributed.seed_everything(cfg.seed + dist.rank)
-    start_step, wandb_run_id = 0, None
-    margins_path = os.path.join(cfg.out_dir, "margins.jsonl")
-    if cfg.resume:
-        resume = checkpointing.load_resume_state(cfg.out_dir)
-        checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
-        start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-        if resume.method_state:
-            tracker.load_state_dict(resume.method_state)
-            print0(f"beta tracker restored: {tracker.state_dict()}")
-        if dist.is_main:
-            checkpointing.truncate_metrics(margins_path, resume.step)
-    train_model = modeling.wrap_model(model, cfg, dist)
-    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len), wandb_run_id)
-    logger.log_data(data.summary)
-    losses = " + ".join(f"{w:g} x {n}" for n, w in zip(names, weights))
-    print0(f"training: {max_steps:,} steps of {sampler.global_batch} pairs of at most {cfg.max_seq_len} tokens a "
-           f"side ({sampler.steps_per_epoch:,} steps/epoch), loss {losses}, beta {cfg.beta:g} ({cfg.beta_mode}), "
-           f"{dist.world_size} rank(s), {str(dtype).replace('torch.', '')} on {dist.device}")
-
-    # ---- loop: evaluate, save, stop or take one step ----
-    step = start_step
-    while True:
-        last_step = step == max_steps
-        just_resumed = cfg.resume and step == start_step
-        with logger.paused():
-            if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
-                metrics = {} if val_set is None else evaluate_preferences(train_model, reference, val_set, cfg, names,
-                                                                          weights, collate, dist, amp)
-                metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
-                logger.log_eval(step, metrics)
-            if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
-                                         "dpo", metadata={"data": data.summary, "init_from": cfg.init_from,
-                                                          "reference": reference.kind},
-                                         final=last_step, method_state=tracker.state_dict())
-        if last_step:
-            break
-
-        sums = {}
-        step_tokens, margin_rows = 0, []
-        for micro, indices in enumerate(sampler.next_step()):
-            batch = batches.load_batch(train_set, indices, dist.device, collate)
-            step_tokens += int(batch["attention_mask"].sum())
-            with optim.sync_gradients(train_model, last_micro_step=micro == cfg.accumulation_steps - 1):
-                with amp:
-                    policy_sums, tokens = sequence_logps(train_model, batch)         # [2B], one forward of [2B, T]
-                logps = split_logps(policy_sums, tokens, reference.logps(train_model, batch, amp))
-                B = len(indices)
-                if cfg.beta_mode == "fixed":        # no statistics needed: no collective, no host sync
-                    beta, keep_all = cfg.beta, torch.ones(dist.world_size * B, dtype=torch.bool)
-                else:                               # from the gaps of this micro-step's pairs on every rank
-                    gaps = distributed.all_gather_rows(implicit_gap(logps["pc"], logps["pr"], logps["rc"], logps["rr"]).detach())
-                    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)
-                    beta, keep_all = tracker.step(gaps, generator)
-                keep = keep_all[dist.rank * B:(dist.rank + 1) * B].to(dist.device).float()
-                per_pair, parts = pair_losses(names, weights, logps, beta, cfg.label_smoothing)
-                # mean over the kept pairs of all ranks: DDP averages the ranks' gradients, hence the factor W
-                loss = (per_pair * keep).sum() * dist.world_size / keep_all.sum().item()
-                scaler.scale(loss / cfg.accumulation_steps).backward()
-            values = {"loss": loss.detach(), "beta": torch.tensor(beta, device=dist.device),
-                      **{f"loss/{n}": p.detach().mean() for n, p in parts.items() if len(parts) > 1},
-                      **{k: v.mean() for k, v in pair_metrics(logps, cfg.beta).items()}}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / cfg.accumulation_steps
-            if cfg.log_margins:
-                m = pair_metrics(logps, cfg.beta)
-                margin_rows.append(torch.stack([batch["index"].double(), m["rewards/margins"].double(),
-                                                m["rewards/chosen"].double(), m["rewards/rejected"].double()], 1))
-        lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
-        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
-        step += 1
-        logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
-        if cfg.log_margins:
-            write_margins(margins_path, step, distributed.all_gather_rows(torch.cat(margin_rows)), dist)
-        if step % cfg.log_interval == 0 or step == max_steps:
-            metrics = distributed.mean_over_ranks({k: v.item() for k, v in sums.items()}, dist.device)
-            if cfg.beta_mode != "fixed":
-                metrics.update({"gap/running_mean": tracker.mean, "gap/running_std": tracker.std,
-                                "gap/quantile": tracker.quantile})
-            loss_value = metrics.pop("loss")
-            logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
-                             show=("rewards/accuracies", "rewards/margins", "beta"), **metrics)
-    logger.close()
-    print0(f"done: {cfg.out_dir}/final")
-
-
-def write_margins(path: str, step: int, rows: torch.Tensor, dist) -> None:
-    """Append one {"step", "row", "margin", "chosen", "rejected"} line per training pair of the step (rank 0)."""
-    if not dist.is_main:
-        return
-    with open(path, "a") as f:
-        for index, margin, chosen, rejected in rows.cpu().tolist():
-            f.write(json.dumps({"step": step, "row": int(index), "margin": margin, "chosen": chosen,
-                                "rejected": rejected}) + "\n")
+def dynamic_beta_loss(tracker: BetaTracker, logps: dict[str, torch.Tensor], names: list[str], weights: list[float],
+                      cfg: DPOConfig, dist, step: int, micro: int):
+    """(loss, each loss_k [B], beta as a tensor) of one micro-step under --beta_mode beta_dpo or risk: beta (and,
+    with --beta_filter_keep, the pairs kept) from the gaps of this micro-step's pairs on every rank (a collective and
+    a host sync each micro-step), the loss the mean over the kept pairs of all ranks."""
+    B = logps["pc"].numel()
+    gaps = distributed.all_gather_rows(implicit_gap(logps["pc"], logps["pr"], logps["rc"], logps["rr"]).detach())
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)
+    beta, keep_all = tracker.step(gaps, generator)                                         # keep_all [W B] bool
+    keep = keep_all[dist.rank * B:(dist.rank + 1) * B].to(dist.device).float()             # [B], this rank's
+    per_pair, parts = pair_losses(names, weights, logps, beta, cfg.label_smoothing)
+    # DDP averages the ranks' gradients, hence the factor W
+    loss = (per_pair * keep).sum() * dist.world_size / keep_all.sum().item()
+    return loss, parts, torch.tensor(beta, device=dist.device)
 
 
 def main(argv: list[str] | None = None) -> None:
