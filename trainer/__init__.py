@@ -13,5 +13,7 @@ script needs is written once, in the module named for its job:
     evaluation      validation loss, --eval_tasks accuracy, sample completions
     sequences       per-token log-probs through the fused kernel, rollouts (RL and make_pairs)
     rewards         reward functions (--reward_funcs) and reward models (RL and make_pairs)
+    generations     a teacher's sampled answers that the task checkers accept, written as chat rows (rejection
+                    sampling: train_distill.py --from_teacher_generations; train_sft.py reads the file)
     checkpointing   Hugging Face checkpoints with resume state beside them, written atomically; exact resume
 """
