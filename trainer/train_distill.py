@@ -303,8 +303,8 @@ class MicroResult(NamedTuple):
     loss: torch.Tensor                         # the micro-batch's weighted objective, detached
     ce: torch.Tensor                           # its CE token mean, detached
     div: torch.Tensor                          # its D_T token mean, detached
-    student_hidden: torch.Tensor               # [N, H]: the predicting hidden states D_T read (for the agreement)
-    teacher_hidden: torch.Tensor               # [N, Ht]
+    student_hidden: torch.Tensor               # [N, H] ([N', H] on-policy): the predicting states D_T read
+    teacher_hidden: torch.Tensor               # [N, Ht] ([N', Ht]); the agreement reads both at log steps
 
 
 def load_micro_batches(step: int, sampler, train_set, collate, cfg: DistillConfig, device: torch.device,
