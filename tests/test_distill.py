@@ -1,10 +1,11 @@
 # Run: pytest tests/test_distill.py -q --durations=10
 # Distillation (trainer/train_distill.py): forward KL, reverse KL and the generalised JSD equal their formulas on
 # hand-made logits (temperature and the T^2 convention included, the JSD's endpoints as documented); the fused path
-# equals the naive full-logits one, gradients too, at odd shapes and chunk sizes; the chunked argmax agreement; the
-# on-policy schedule and prompts. End to end: a fresh tiny student distilled from the SFT checkpoint lowers the
-# divergence; on-policy batches (lmbda 1) run, log agreement and resume exactly; --from_teacher_generations writes
-# the JSONL and its manifest with only answers the checker accepts; bad input is a one-line error, exit 2.
+# equals the naive full-logits one, gradients too, at odd shapes and chunk sizes; the chunked argmax
+# (kernels.fused_linear_argmax) and the agreement; the on-policy schedule and prompts. End to end: a fresh tiny
+# student distilled from the SFT checkpoint lowers the divergence; on-policy batches (lmbda 1) run, log agreement and
+# resume exactly; --from_teacher_generations writes the JSONL and its manifest (trainer/generations.py) with only
+# answers the checker accepts; bad input is a one-line error, exit 2.
 import hashlib
 import json
 import math
@@ -21,7 +22,8 @@ from minitrain.eval.tasks import get_task, score_row, training_seed
 from minitrain.model.checkpoint import load_tokenizer, save_checkpoint
 from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
-from minitrain.trainer.train_distill import (divergence, head_argmax, is_on_policy, last_answer_start, main, objective,
+from minitrain.kernels import fused_linear_argmax
+from minitrain.trainer.train_distill import (divergence, is_on_policy, last_answer_start, main, objective,
                                              token_agreement, token_weights)
 
 LOSSES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)]
@@ -191,7 +193,7 @@ def test_agreement_by_chunked_argmax(monkeypatch):
     g = torch.Generator().manual_seed(3)
     sh, sw = torch.randn(11, 6, generator=g), torch.randn(29, 6, generator=g)
     th, tw = torch.randn(11, 5, generator=g), torch.randn(29, 5, generator=g)
-    assert torch.equal(head_argmax(sh, sw), (sh @ sw.T).argmax(-1))
+    assert torch.equal(fused_linear_argmax(sh, sw), (sh @ sw.T).argmax(-1))
     mask = torch.tensor([True, False] * 5 + [True])
     same = ((sh @ sw.T).argmax(-1) == (th @ tw.T).argmax(-1))[mask]
     assert token_agreement(sh, sw, th, tw, mask) == (int(same.sum()), int(mask.sum()))

@@ -14,5 +14,7 @@ script needs is written once, in the module named for its job:
     sequences       per-token log-probs through the fused kernel, rollouts (RL and make_pairs), reference log-probs
                     computed once (DPO)
     rewards         reward functions (--reward_funcs) and reward models (RL and make_pairs)
+    generations     a teacher's sampled answers that the task checkers accept, written as chat rows (rejection
+                    sampling: train_distill.py --from_teacher_generations; train_sft.py reads the file)
     checkpointing   Hugging Face checkpoints with resume state beside them, written atomically; exact resume
 """

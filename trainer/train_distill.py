@@ -45,79 +45,62 @@ A bare run does what the config dataclass below shows; `--config recipe.yaml` an
              one-line error, exit 2, otherwise).
   data       --data_phase sft (default): chat conversations (config/data/sft/, --data_config, --data_path), targets
              are the assistant tokens (dataset/chat.py). --data_phase pretrain: packed text, every token a target.
-             --from_teacher_generations: see "reasoning distillation" below.
-  objective  over the target tokens of the whole step, all micro-batches and ranks (--token_normalization
-             global, as TRL's GKD; micro_batch: each micro-batch's token means, averaged) (Hinton et al. 2015,
-             "Distilling the Knowledge in a Neural Network", arXiv 1503.02531):
-
-                 loss = alpha * CE + (1 - alpha) * T^2 * D_T(teacher, student)
-
+  objective  loss = alpha * CE + (1 - alpha) * T^2 * D_T(teacher, student)   (Hinton et al. 2015, arXiv 1503.02531)
              CE is the student's cross-entropy on the data's tokens at temperature 1; D_T the divergence between
              P = softmax(teacher logits / T) and Q = softmax(student logits / T), mean over target tokens:
                  forward_kl   KL(P || Q)                        mode-covering (Hinton's soft targets)
                  reverse_kl   KL(Q || P)                        mode-seeking (MiniLLM, Gu et al. 2023)
                  jsd          beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q   (--jsd_beta)
-             The generalised JSD's endpoints follow TRL's GKD and Liger-Kernel: beta = 0 is taken as forward KL and
-             beta = 1 as reverse KL (the formula itself tends to 0 there, as beta * KL(P || Q) near 0 and as
-             (1 - beta) * KL(Q || P) near 1). The T^2 factor keeps the soft targets' gradient on the scale of the
-             CE's as T changes (Hinton et al. section 2); TRL's GKD has no such factor, so at T = 2 D weighs 4x
-             what it weighs there. alpha = 1 is plain fine-tuning, alpha = 0 pure distillation. Both heads go
-             through kernels.fused_linear_kl on the final hidden states (the models run with compute_logits=False):
-             neither [N, V] logits tensor is ever held whole.
-  on-policy  --lmbda: the fraction of micro-batches whose sequences the student samples itself (generalised knowledge
-             distillation, Agarwal et al. 2023, arXiv 2306.13649). Micro-batch k (counted over the whole run) is
-             on-policy when floor((k + 1) lmbda) > floor(k lmbda), so the fraction is exact and a resumed run makes
-             the same choices. For such a batch the student completes each conversation's last user turn
-             (sequences.rollout, --max_new_tokens, --temperature) and D_T is taken over its completion tokens; the CE
-             term stays the CE of the data's own answers (its own forward and backward pass, skipped when alpha = 0).
-  reasoning  --from_teacher_generations: before training, the teacher answers the rlaif prompts (config/data/rlaif/,
-             or --data_config / --data_path; rows carrying "task" and "answer", as the embedded rlaif.jsonl does)
-             --num_teacher_samples times each at --temperature; the task checkers (eval/tasks score_row, the
-             exact_answer reward) keep the finished, correct, distinct answers. They are written as chat rows
-             {"messages": [..., {"role": "assistant", ...}], "task", "id"} to OUT_DIR/generations.jsonl (or
-             --generations_out DIR) with generations_manifest.json (teacher, sampling, counts per task, sha256), a
-             file train_sft.py --data_path reads as it is. The student then trains on them as on chat data: --alpha 1
-             is the SFT loss alone (DeepSeek-R1's distilled models); a smaller alpha adds the teacher's logits. A
-             resumed run reuses the file.
+             Each term is a token mean over the whole step, all micro-batches and ranks (--token_normalization
+             global, as TRL's GKD; micro_batch: each micro-batch's token means, averaged). alpha = 1 is plain
+             fine-tuning, alpha = 0 pure distillation. The math section below explains the JSD's endpoints and the
+             T^2 factor (which TRL's GKD does not have). Both heads go through kernels.fused_linear_kl on the final
+             hidden states (the models run with compute_logits=False): no [N, V] logits tensor is held whole.
+  loop       a step loads its micro-batches first (load_micro_batches: their target masks, whose counts over the
+             step normalise each term), then one forward and backward each (distill_micro_step), clipping, AdamW on
+             a cosine schedule; every --eval_interval steps the validation loss, divergence and agreement
+             (evaluate_distill), task accuracy (--eval_tasks) and sample answers.
+  on-policy  (extension) --lmbda: the fraction of micro-batches whose sequences the student samples itself
+             (generalised knowledge distillation, Agarwal et al. 2023, arXiv 2306.13649): the student completes each
+             conversation's last user turn (sequences.rollout, --max_new_tokens, --temperature) and D_T is taken over
+             its completion tokens; the CE stays on the data's answers. Which micro-batches: is_on_policy below.
+  reasoning  (extension) --from_teacher_generations: before training, the teacher answers the rlaif prompts
+             --num_teacher_samples times each and the task checkers keep the finished, correct, distinct answers,
+             written to OUT_DIR/generations.jsonl (or --generations_out DIR) with generations_manifest.json
+             (trainer/generations.py; train_sft.py --data_path reads the file as it is). The student trains on them
+             as on chat data: --alpha 1 is the SFT loss alone (DeepSeek-R1's distilled models); a smaller alpha adds
+             the teacher's logits. A resumed run reuses the file.
   metrics    train: loss (the objective), loss/ce, loss/distill (D_T, without the T^2 factor), distill/agreement
-             (fraction of target tokens where argmax student == argmax teacher, computed at log steps only, by a
-             chunked argmax that never holds [N, V]), distill/on_policy (fraction of micro-batches), and for on-policy
-             batches completions/mean_length. eval: loss (the student's CE, evaluation.evaluate_loss), distill and
-             agreement on the same validation batches, task accuracy (--eval_tasks), sample answers.
+             (fraction of target tokens where argmax student == argmax teacher, at log steps only, by
+             kernels.fused_linear_argmax, which never holds [N, V]), distill/on_policy (fraction of micro-batches),
+             and with --lmbda completions/mean_length. eval: loss (the student's CE, evaluation.evaluate_loss),
+             distill and agreement on the same validation batches, task accuracy (--eval_tasks), sample answers.
   save       OUT_DIR/step_XXXXXX/ (Hugging Face layout + resume state), OUT_DIR/final, OUT_DIR/metrics.jsonl.
 """
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
 from minitrain.dataset.chat import IGNORE_INDEX, ChatDataset, collate_chat
-from minitrain.dataset.files import write_atomic
-from minitrain.dataset.jsonl import DataError
-from minitrain.dataset.mixer import format_summary, load_prepared, prepare_mixture, resolve_mixture
-from minitrain.dataset.prompts import PromptDataset
-from minitrain.kernels import fused_linear_kl
-from minitrain.kernels.backend import chunk_rows
+from minitrain.dataset.mixer import format_summary
+from minitrain.kernels import fused_linear_argmax, fused_linear_kl
 from minitrain.model.checkpoint import check_model_dir, load_model
 from minitrain.model.config import ConfigError, load_model_config
 from minitrain.model.transformer import unwrap
-from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, modeling, optim,
-                               reporting, sequences)
+from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, generations, modeling,
+                               optim, reporting, sequences)
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
 DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TOKEN_NORMALIZATIONS = ("global", "micro_batch")
-GENERATIONS_FILE = "generations.jsonl"
-GENERATIONS_MANIFEST = "generations_manifest.json"
 
 
 @dataclass
@@ -227,8 +210,18 @@ def divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor, teach
     """D_T: the mean over rows where mask is true of the divergence between softmax(teacher_hidden @ teacher_weight.T
     / T) and softmax(student_hidden @ student_weight.T / T). hidden [N, H] / [N, Ht], weights [V, H] / [V, Ht],
     mask [N]. Chunked through kernels.fused_linear_kl: no [N, V] tensor; gradients reach the student only."""
+    # The generalised JSD (Agarwal et al. 2023) tends to 0 at its endpoints, as beta * KL(P || Q) near beta = 0 and
+    # as (1 - beta) * KL(Q || P) near 1; as TRL's GKD and Liger-Kernel, beta = 0 is taken as forward KL and 1 as
+    # reverse KL.
     return fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
                            temperature=temperature, beta=distill_beta(distill_loss, jsd_beta))
+
+
+def objective(ce: torch.Tensor, div: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """alpha * CE + (1 - alpha) * T^2 * D_T (Hinton et al. 2015)."""
+    # The soft targets' gradient shrinks as 1 / T^2; T^2 keeps it on the CE's scale as T changes (Hinton et al.
+    # section 2). TRL's GKD has no such factor: at T = 2 the divergence weighs 4x what it weighs there.
+    return alpha * ce + (1.0 - alpha) * temperature ** 2 * div
 
 
 def token_weights(ce_tokens: float, div_tokens: float, normalization: str, ce_total: float, div_total: float,
@@ -246,47 +239,14 @@ def token_weights(ce_tokens: float, div_tokens: float, normalization: str, ce_to
     raise ValueError(f"unknown token normalization {normalization!r}")
 
 
-def objective(ce: torch.Tensor, div: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
-    """alpha * CE + (1 - alpha) * T^2 * D_T (Hinton et al. 2015)."""
-    return alpha * ce + (1.0 - alpha) * temperature ** 2 * div
-
-
-@torch.no_grad()
-def head_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """argmax_v (hidden @ weight.T)[:, v] for hidden [N, H], weight [V, H]: [N] long, a chunk of rows at a time
-    (the fused kernels' memory budget, KERNELS_CHUNK_MB), so the [N, V] logits are never held whole."""
-    N, V = hidden.shape[0], weight.shape[0]
-    out = torch.empty(N, dtype=torch.long, device=hidden.device)
-    rows = chunk_rows(N, V, 4) if N else 1
-    for start in range(0, N, rows):
-        out[start:start + rows] = (hidden[start:start + rows].to(weight.dtype) @ weight.T).argmax(dim=-1)  # [C]
-    return out
-
-
 @torch.no_grad()
 def token_agreement(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                     teacher_weight: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
     """(target rows where the student's and the teacher's most likely tokens agree, target rows)."""
     rows = mask.bool()
-    student = head_argmax(student_hidden.detach()[rows], student_weight.detach())
-    teacher = head_argmax(teacher_hidden.detach()[rows], teacher_weight.detach())
+    student = fused_linear_argmax(student_hidden.detach()[rows], student_weight.detach())     # [n]
+    teacher = fused_linear_argmax(teacher_hidden.detach()[rows], teacher_weight.detach())     # [n]
     return int((student == teacher).sum()), int(rows.sum())
-
-
-def is_on_policy(k: int, lmbda: float) -> bool:
-    """Whether micro-batch k (0, 1, 2, ... over the whole run) is sampled by the student: the first n micro-batches
-    hold exactly floor(n * lmbda) on-policy ones, whatever n, and the choice depends on k alone (resume, ranks)."""
-    return math.floor((k + 1) * lmbda + 1e-9) > math.floor(k * lmbda + 1e-9)
-
-
-def last_answer_start(labels: list[int]) -> int:
-    """Position of the first token of the last assistant turn (the last run of targets) of a conversation's labels:
-    the ids before it are the prompt the student completes on an on-policy batch."""
-    end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return start
 
 
 # =============================================================================================================
@@ -299,7 +259,8 @@ def student_settings(cfg: DistillConfig, teacher_vocab_size: int) -> DistillConf
     if cfg.init_from:
         return cfg
     teacher_tokenizer = os.path.join(cfg.teacher, "tokenizer.json")
-    tokenizer = cfg.tokenizer or (cfg.teacher if os.path.isfile(teacher_tokenizer) else configuration.DEFAULT_TOKENIZER_DIR)
+    tokenizer = cfg.tokenizer or (cfg.teacher if os.path.isfile(teacher_tokenizer)
+                                  else configuration.DEFAULT_TOKENIZER_DIR)
     return dataclasses.replace(cfg, tokenizer=tokenizer,
                                model_overrides={"vocab_size": teacher_vocab_size, **cfg.model_overrides})
 
@@ -327,152 +288,38 @@ def load_teacher(cfg: DistillConfig, student, tokenizer, device: torch.device, d
 
 
 # =============================================================================================================
-# Reasoning distillation: the teacher's checked answers as chat rows
+# The phases of a step: its micro-batches, then one forward and backward each
 # =============================================================================================================
 
-def teacher_answers(teacher, prompts: PromptDataset, indices: list[int], tokenizer, cfg: DistillConfig, amp,
-                    generator: torch.Generator) -> list[dict]:
-    """One record per prompt of `indices`: its k sampled answers, whether each stopped at EOS, and each one's score
-    under the task checker (rewards.exact_answer: eval.tasks.score_row of the prompt row)."""
-    from minitrain.trainer.rewards import RewardError, exact_answer
-    k = cfg.num_teacher_samples
-    jobs = [i for i in indices for _ in range(k)]                       # each prompt k times, side by side
-    answers, finished = [], []
-    for start in range(0, len(jobs), cfg.generation_batch_size):
-        chunk = jobs[start:start + cfg.generation_batch_size]
-        with amp:
-            out = sequences.rollout(teacher, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
-                          tokenizer.eos_id, tokenizer.pad_id, generator=generator)
-        answers += [tokenizer.decode(c) for c in out.completions]
-        finished += out.finished.tolist()
-    try:
-        scores = exact_answer([prompts.text(i) for i in jobs], answers, **prompts.columns(jobs)) if jobs else []
-    except (RewardError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"--from_teacher_generations: the prompt rows must carry what the task checkers read "
-                        f"(task, answer, meta), as the embedded rlaif.jsonl does ({e})") from None
-    return [{"i": i, "answers": answers[n * k:(n + 1) * k], "finished": finished[n * k:(n + 1) * k],
-             "scores": scores[n * k:(n + 1) * k]} for n, i in enumerate(indices)]
+class MicroBatch(NamedTuple):
+    indices: list[int]
+    batch: dict                                # input_ids, labels, attention_mask (chat data): [B, T]
+    ce_mask: torch.Tensor                      # [N]: the data's target tokens, the CE's (N = B * (T - 1))
+    div_mask: torch.Tensor                     # the tokens D_T is taken over: ce_mask, or on-policy [N'] completions
+    roll: sequences.Rollout | None = None      # the student's completions (on-policy extension)
 
 
-def write_generations(records: list[dict], prompts: PromptDataset, cfg: DistillConfig, directory: str,
-                      prompt_summary: dict, seconds: float) -> dict:
-    """Keep each prompt's finished, correct, distinct answers as chat rows; write generations.jsonl and its manifest
-    (atomically); return the manifest."""
-    rows, per_task = [], {}
-    counts = {"prompts": len(records), "prompts_dropped_too_long": prompts.dropped, "generated": 0, "unfinished": 0,
-              "incorrect": 0, "duplicates": 0, "kept": 0}
-    for record in records:
-        row = prompts[record["i"]]
-        task = per_task.setdefault(str(row.get("task")), {"prompts": 0, "generated": 0, "kept": 0})
-        task["prompts"] += 1
-        seen = set()
-        for answer, done, score in zip(record["answers"], record["finished"], record["scores"]):
-            counts["generated"] += 1
-            task["generated"] += 1
-            if not done:
-                counts["unfinished"] += 1
-            elif score != 1.0:
-                counts["incorrect"] += 1
-            elif answer in seen:
-                counts["duplicates"] += 1
-            else:
-                seen.add(answer)
-                rows.append({"messages": row["messages"] + [{"role": "assistant", "content": answer}],
-                             "task": row.get("task"), "id": row["id"]})
-                task["kept"] += 1
-    counts["kept"] = len(rows)
-    os.makedirs(directory, exist_ok=True)
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    write_atomic(os.path.join(directory, GENERATIONS_FILE), body)
-    manifest = {
-        "teacher": os.path.realpath(cfg.teacher), "prompts_from": prompt_summary.get("mixture"),
-        "samples_per_prompt": cfg.num_teacher_samples,
-        "sampling": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
-                     "max_prompt_length": cfg.max_prompt_length, "max_prompts": cfg.max_prompts, "seed": cfg.seed},
-        "filter": "finished at <|im_end|>, accepted by the task checker (eval.tasks.score_row), distinct per prompt",
-        "counts": counts, "per_task": per_task, "seconds": seconds,
-        "file": GENERATIONS_FILE, "sha256": hashlib.sha256(body).hexdigest(),
-    }
-    write_atomic(os.path.join(directory, GENERATIONS_MANIFEST), (json.dumps(manifest, indent=1) + "\n").encode())
-    return manifest
+class MicroResult(NamedTuple):
+    loss: torch.Tensor                         # the micro-batch's weighted objective, detached
+    ce: torch.Tensor                           # its CE token mean, detached
+    div: torch.Tensor                          # its D_T token mean, detached
+    student_hidden: torch.Tensor               # [N, H] ([N', H] on-policy): the predicting states D_T read
+    teacher_hidden: torch.Tensor               # [N, Ht] ([N', Ht]); the agreement reads both at log steps
 
 
-def generations_data(cfg: DistillConfig, teacher, tokenizer, dist, amp):
-    """The PreparedData of the teacher's checked answers: generated (all ranks share the prompts, rank 0 writes) or,
-    on --resume, the file the run already wrote."""
-    directory = cfg.generations_out or cfg.out_dir
-    path = os.path.join(directory, GENERATIONS_FILE)
-    if cfg.resume and os.path.isfile(path) and os.path.isfile(os.path.join(directory, GENERATIONS_MANIFEST)):
-        print0(f"teacher generations: reusing {path}")
-    else:
-        data = batches.prepare_phase_data("rlaif", cfg, tokenizer, dist)
-        print0(format_summary(data.summary))
-        prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
-        total = min(len(prompts), cfg.max_prompts) if cfg.max_prompts else len(prompts)
-        print0(f"teacher generations: {cfg.num_teacher_samples} answers to each of {total:,} prompts "
-               f"({prompts.describe()})")
-        started = time.time()
-        generator = torch.Generator(dist.device).manual_seed(cfg.seed + dist.rank)
-        records = teacher_answers(teacher, prompts, list(range(dist.rank, total, dist.world_size)), tokenizer, cfg,
-                                  amp, generator)
-        payload = torch.frombuffer(bytearray(json.dumps(records).encode()), dtype=torch.uint8)
-        gathered = distributed.all_gather_bytes(payload, dist.device)   # every rank's records as JSON bytes (nothing pickled)
-        if dist.is_main:
-            records = sorted((r for chunk in gathered for r in json.loads(bytes(chunk.tolist()))),
-                             key=lambda r: r["i"])
-            manifest = write_generations(records, prompts, cfg, directory, data.summary, time.time() - started)
-            c = manifest["counts"]
-            print0(f"teacher generations: kept {c['kept']:,} of {c['generated']:,} answers ({c['incorrect']:,} "
-                   f"wrong, {c['unfinished']:,} unfinished, {c['duplicates']:,} repeated); per task: "
-                   + ", ".join(f"{name} {t['kept']}/{t['generated']}" for name, t in manifest["per_task"].items())
-                   + f"; wrote {path}")
-        distributed.barrier()
-    with open(path) as f:
-        if not any(line.strip() for line in f):
-            raise DataError(f"--from_teacher_generations: none of the teacher's answers passed the checker (see "
-                            f"{os.path.join(directory, GENERATIONS_MANIFEST)}); raise --num_teacher_samples or "
-                            f"--max_new_tokens, or use a stronger teacher")
-    mixture = resolve_mixture("sft", None, path, cfg.seed)
-    distributed.on_main_rank(lambda: prepare_mixture(mixture, cfg.prepared_dir, tokenizer), dist)
-    return load_prepared(mixture, cfg.prepared_dir)
-
-
-# =============================================================================================================
-# Evaluation: the divergence and agreement on the validation batches evaluate_loss reads
-# =============================================================================================================
-
-@torch.no_grad()
-def evaluate_distill(student, teacher, dataset, cfg: DistillConfig, dist, amp, collate) -> dict[str, float]:
-    """{"distill": mean over batches of D_T, "agreement": over all target tokens} on the first --eval_batches
-    validation batches (batch b on rank b % world_size, sums all-reduced), as evaluation.evaluate_loss reads them."""
-    raw = unwrap(student)
-    was_training = raw.training
-    raw.eval()
-    starts = list(range(0, min(len(dataset), cfg.eval_batches * cfg.batch_size), cfg.batch_size))
-    totals = torch.zeros(4, device=dist.device, dtype=torch.float64)   # [sum of D_T, batches, agreeing, targets]
-    for b in range(dist.rank, len(starts), dist.world_size):
-        batch = batches.load_batch(dataset, list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset)))),
-                           dist.device, collate)
-        with amp:
-            student_hidden, teacher_hidden, mask = both_hidden(raw, teacher, batch)
-            div = divergence(student_hidden, raw.lm_head.weight, teacher_hidden, teacher.lm_head.weight, mask,
-                             cfg.distill_loss, cfg.jsd_beta, cfg.distill_temperature)
-            agree, targets = token_agreement(student_hidden, raw.lm_head.weight, teacher_hidden,
-                                             teacher.lm_head.weight, mask)
-        totals += torch.tensor([div.item(), 1.0, agree, targets], device=dist.device, dtype=torch.float64)
-    if distributed.is_distributed():
-        torch.distributed.all_reduce(totals)
-    raw.train(was_training)
-    return {"distill": (totals[0] / totals[1].clamp(min=1)).item(),
-            "agreement": (totals[2] / totals[3].clamp(min=1)).item()}
-
-
-def both_hidden(student, teacher, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The student's and the teacher's predicting hidden states, [N, H] and [N, Ht], and the target mask [N]
-    (evaluation; training gets the student's from the same forward pass as its CE)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1)            # [B*(T-1)]
-    return predicting(student(**inputs, compute_logits=False).hidden_states), teacher_states(teacher, inputs), mask
+def load_micro_batches(step: int, sampler, train_set, collate, cfg: DistillConfig, device: torch.device,
+                       on_policy=None) -> list[MicroBatch]:
+    """The step's micro-batches and their target masks, all loaded before the first forward pass: their token counts
+    over the whole step (all ranks) normalise every micro-batch's terms (--token_normalization global). on_policy
+    (the extension below) gives the student's completions for the micro-batches it picks."""
+    micros = []
+    for micro, indices in enumerate(sampler.next_step()):
+        batch = batches.load_batch(train_set, indices, device, collate)                  # input_ids, labels: [B, T]
+        ce_mask = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1)                   # [N]
+        roll = on_policy(step * cfg.accumulation_steps + micro, indices) if on_policy else None
+        div_mask = ce_mask if roll is None else roll.completion_mask.reshape(-1) > 0      # [N] or [N']
+        micros.append(MicroBatch(indices, batch, ce_mask, div_mask, roll))
+    return micros
 
 
 def predicting(hidden: torch.Tensor) -> torch.Tensor:
@@ -495,6 +342,63 @@ def ce_and_aux(out, model) -> tuple[torch.Tensor, torch.Tensor]:
     return out.loss - aux, aux
 
 
+def distill_micro_step(m: MicroBatch, w_ce: float, w_div: float, train_model, model, teacher, scaler, amp,
+                       cfg: DistillConfig, last_micro: bool) -> MicroResult:
+    """One micro-batch of the data: one student forward gives the CE and the hidden states D_T reads; backward of
+    alpha w_ce CE + (1 - alpha) T^2 w_div D_T (+ an MoE student's balancing term)."""
+    inputs = {k: v for k, v in m.batch.items() if k != "labels"}
+    with optim.sync_gradients(train_model, last_micro_step=last_micro):
+        with amp:
+            out = train_model(**m.batch)
+            student_hidden, teacher_hidden = predicting(out.hidden_states), teacher_states(teacher, inputs)
+            div = divergence(student_hidden, model.lm_head.weight, teacher_hidden, teacher.lm_head.weight, m.div_mask,
+                             cfg.distill_loss, cfg.jsd_beta, cfg.distill_temperature)
+        ce, aux = ce_and_aux(out, model)
+        loss = objective(w_ce * ce, w_div * div, cfg.alpha, cfg.distill_temperature) + aux / cfg.accumulation_steps
+        scaler.scale(loss).backward()
+    return MicroResult(loss.detach(), ce.detach(), div.detach(), student_hidden, teacher_hidden)
+
+
+def tokens_read(m: MicroBatch, train_set) -> int:
+    """The real (unpadded) tokens of a micro-batch's sequences, counted on the host (plus its on-policy ones)."""
+    data = sum(train_set.lengths[i] for i in m.indices) if isinstance(train_set, ChatDataset) \
+        else m.batch["input_ids"].numel()
+    return data + (0 if m.roll is None else int(m.roll.attention_mask.sum()))
+
+
+# =============================================================================================================
+# Evaluation: the divergence and agreement on the validation batches evaluate_loss reads
+# =============================================================================================================
+
+@torch.no_grad()
+def evaluate_distill(student, teacher, dataset, cfg: DistillConfig, dist, amp, collate) -> dict[str, float]:
+    """{"distill": mean over batches of D_T, "agreement": over all target tokens} on the first --eval_batches
+    validation batches (batch b on rank b % world_size, sums all-reduced), as evaluation.evaluate_loss reads them."""
+    raw = unwrap(student)
+    was_training = raw.training
+    raw.eval()
+    starts = list(range(0, min(len(dataset), cfg.eval_batches * cfg.batch_size), cfg.batch_size))
+    totals = torch.zeros(4, device=dist.device, dtype=torch.float64)   # [sum of D_T, batches, agreeing, targets]
+    for b in range(dist.rank, len(starts), dist.world_size):
+        batch = batches.load_batch(dataset, list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset)))),
+                                   dist.device, collate)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1)                      # [B*(T-1)]
+        with amp:
+            student_hidden = predicting(raw(**inputs, compute_logits=False).hidden_states)
+            teacher_hidden = teacher_states(teacher, inputs)
+            div = divergence(student_hidden, raw.lm_head.weight, teacher_hidden, teacher.lm_head.weight, mask,
+                             cfg.distill_loss, cfg.jsd_beta, cfg.distill_temperature)
+            agree, targets = token_agreement(student_hidden, raw.lm_head.weight, teacher_hidden,
+                                             teacher.lm_head.weight, mask)
+        totals += torch.tensor([div.item(), 1.0, agree, targets], device=dist.device, dtype=torch.float64)
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(totals)
+    raw.train(was_training)
+    return {"distill": (totals[0] / totals[1].clamp(min=1)).item(),
+            "agreement": (totals[2] / totals[3].clamp(min=1)).item()}
+
+
 # =============================================================================================================
 # Training
 # =============================================================================================================
@@ -509,7 +413,8 @@ def train(cfg: DistillConfig) -> None:
 
     # ---- models: the student, then the frozen teacher that must read its token ids ----
     distributed.seed_everything(cfg.seed)
-    model, tokenizer = modeling.build_model(student_settings(cfg, load_model_config(cfg.teacher).vocab_size), dist.device)
+    model, tokenizer = modeling.build_model(student_settings(cfg, load_model_config(cfg.teacher).vocab_size),
+                                            dist.device)
     dtype = optim.resolve_dtype(cfg.dtype, dist.device)
     amp = optim.autocast_context(dist.device, dtype)
     teacher = load_teacher(cfg, model, tokenizer, dist.device, dtype)
@@ -522,7 +427,7 @@ def train(cfg: DistillConfig) -> None:
 
     # ---- data: chat conversations (labels -100 outside assistant turns) or packed text ----
     if cfg.from_teacher_generations:
-        data = generations_data(cfg, teacher, tokenizer, dist, amp)
+        data = generations.generations_data(cfg, teacher, tokenizer, dist, amp)    # the teacher's checked answers
     else:
         data = batches.prepare_phase_data(cfg.data_phase, cfg, tokenizer, dist)
     print0(format_summary(data.summary))
@@ -531,14 +436,12 @@ def train(cfg: DistillConfig) -> None:
         val_set = ChatDataset(data.val_file, tokenizer, cfg.max_seq_len) if data.val_file else None
         collate = partial(collate_chat, pad_id=tokenizer.pad_id)
         print0(f"train: {train_set.describe()}")
-        # the prompt of each conversation's last answer, for on-policy batches
-        prompt_ids = [ids[:last_answer_start(labels)] for ids, labels in train_set.conversations]
     else:
         train_set, val_set = batches.load_packed_data(data, tokenizer, cfg.max_seq_len, dist)
         collate = batches.collate_samples
         print0(f"train: {len(train_set):,} sequences of {cfg.max_seq_len} tokens")
-    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
-                                 cfg.seed)
+    sampler = batches.GlobalBatchSampler(len(train_set), cfg.batch_size, cfg.accumulation_steps, dist.world_size,
+                                         dist.rank, cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation ----
@@ -559,9 +462,8 @@ def train(cfg: DistillConfig) -> None:
            f"({sampler.steps_per_epoch:,} steps/epoch), {dist.world_size} rank(s), "
            f"{str(dtype).replace('torch.', '')} on {dist.device}")
     prompts = [p for p in cfg.sample_prompts.split("|") if p]
-    T, accum = cfg.distill_temperature, cfg.accumulation_steps
-    kl = partial(divergence, distill_loss=cfg.distill_loss, jsd_beta=cfg.jsd_beta, temperature=T)
-    student_head, teacher_head = model.lm_head.weight, teacher.lm_head.weight
+    accum, student_head, teacher_head = cfg.accumulation_steps, model.lm_head.weight, teacher.lm_head.weight
+    on_policy = on_policy_sampler(train_model, train_set, tokenizer, cfg, amp) if cfg.lmbda > 0 else None
 
     # ---- loop: evaluate, save, stop or take one step ----
     step = start_step
@@ -571,111 +473,129 @@ def train(cfg: DistillConfig) -> None:
         with logger.paused():
             if not just_resumed and (last_step or (cfg.eval_interval and step % cfg.eval_interval == 0)):
                 metrics = {} if val_set is None else {
-                    "loss": evaluation.evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp, collate),
+                    "loss": evaluation.evaluate_loss(train_model, val_set, cfg.batch_size, cfg.eval_batches, dist, amp,
+                                                     collate),
                     **evaluate_distill(train_model, teacher, val_set, cfg, dist, amp, collate)}
                 metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
                 if dist.is_main and prompts:
                     evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp,
-                                  chat=cfg.data_phase == "sft")
+                                             chat=cfg.data_phase == "sft")
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
-                ranks = distributed.check_replicas(train_model, dist)     # the head's gradient comes through the kernel, not DDP
+                ranks = distributed.check_replicas(train_model, dist)  # the head's gradient comes through the kernel
                 if ranks > 1:
                     print0(f"replicas: parameters identical on {ranks} ranks")
-                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
-                                         "distill", final=last_step,
-                                         metadata={"data": data.summary, "init_from": cfg.init_from,
-                                                   "teacher": cfg.teacher})
+                checkpointing.save_training_checkpoint(
+                    cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger, "distill",
+                    final=last_step, metadata={"data": data.summary, "init_from": cfg.init_from,
+                                               "teacher": cfg.teacher})
         if last_step:
             break
 
         log_step = (step + 1) % cfg.log_interval == 0 or step + 1 == max_steps
-        sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "on_policy": 0.0, "agree": 0, "targets": 0,
-                "completion_tokens": 0, "completions": 0}
-        step_tokens = 0
-        # the step's micro-batches and their on-policy completions first: the token counts of the whole step (all
-        # ranks) normalise every micro-batch's loss (--token_normalization global)
-        micros = []
-        for micro, indices in enumerate(sampler.next_step()):
-            batch = batches.load_batch(train_set, indices, dist.device, collate)  # input_ids, labels, ...: [B, T]
-            ce_mask = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1)                     # [N]
-            roll = None
-            if is_on_policy(step * accum + micro, cfg.lmbda):
-                with amp:
-                    roll = sequences.rollout(train_model, [prompt_ids[i] for i in indices], cfg.max_new_tokens,
-                                   cfg.temperature, tokenizer.eos_id, tokenizer.pad_id)
-            div_mask = ce_mask if roll is None else roll.completion_mask.reshape(-1) > 0        # [N']
-            micros.append((indices, batch, roll, ce_mask, div_mask))
-        ce_total = sequences.step_token_count([m[3] for m in micros], dist.device)
-        div_total = sequences.step_token_count([m[4] for m in micros], dist.device)
-        for micro, (indices, batch, roll, ce_mask, mask) in enumerate(micros):
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            last_micro = micro == accum - 1
-            w_ce, w_div = token_weights(float(ce_mask.sum()), float(mask.sum()), cfg.token_normalization, ce_total,
-                                        div_total, accum, dist.world_size)
-            if roll is None:
-                # off-policy: one student forward gives the CE and the hidden states the divergence reads
-                with optim.sync_gradients(train_model, last_micro_step=last_micro):
-                    with amp:
-                        out = train_model(**batch)
-                        student_hidden, teacher_hidden = predicting(out.hidden_states), teacher_states(teacher, inputs)
-                        div = kl(student_hidden, student_head, teacher_hidden, teacher_head, mask)
-                    ce, aux = ce_and_aux(out, model)
-                    loss = objective(w_ce * ce, w_div * div, cfg.alpha, T) + aux / accum
-                    scaler.scale(loss).backward()
-            else:
-                # on-policy: the divergence is taken over the student's completion tokens; the CE stays on the
-                # data's answers, in a forward and backward pass of its own
-                sums["on_policy"] += 1
-                with optim.sync_gradients(train_model, last_micro_step=False), \
-                        (nullcontext() if cfg.alpha > 0 else torch.no_grad()):
-                    with amp:
-                        out = train_model(**batch)
-                    ce, aux = ce_and_aux(out, model)
-                    if cfg.alpha > 0:
-                        scaler.scale(cfg.alpha * w_ce * ce + aux / accum).backward()
-                sampled_inputs = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask}
-                with optim.sync_gradients(train_model, last_micro_step=last_micro):
-                    with amp:
-                        sampled = train_model(**sampled_inputs, compute_logits=False)
-                        student_hidden = predicting(sampled.hidden_states)
-                        teacher_hidden = teacher_states(teacher, sampled_inputs)
-                        div = kl(student_hidden, student_head, teacher_hidden, teacher_head, mask)
-                    loss = objective(torch.zeros_like(div), w_div * div, cfg.alpha, T)
-                    if sampled.aux_loss is not None:       # an MoE student keeps balancing its experts
-                        loss = loss + model.config.router_aux_loss_coef * sampled.aux_loss / accum
-                    scaler.scale(loss).backward()
-                loss = loss.detach() + cfg.alpha * w_ce * ce.detach() + aux.detach() / accum
-                sums["completion_tokens"] += int(mask.sum())
-                sums["completions"] += len(indices)
-                step_tokens += int(roll.attention_mask.sum())
-            # summed over the micro-steps and averaged over the ranks: the step's loss, CE and divergence
-            sums["loss"] += float(loss.detach())
-            sums["ce"] += w_ce * float(ce.detach())
-            sums["distill"] += w_div * float(div.detach())
+        micros = load_micro_batches(step, sampler, train_set, collate, cfg, dist.device, on_policy)
+        ce_total = sequences.step_token_count([m.ce_mask for m in micros], dist.device)
+        div_total = sequences.step_token_count([m.div_mask for m in micros], dist.device)
+        counts = torch.stack([torch.stack([m.ce_mask.sum(), m.div_mask.sum()]) for m in micros]).tolist()  # one sync
+        sums = torch.zeros(3, dtype=torch.float64, device=dist.device)     # the step's loss, CE and D_T, summed
+        agreement = [0, 0]                                                  # agreeing target tokens, target tokens
+        for micro, (m, (ce_tokens, div_tokens)) in enumerate(zip(micros, counts)):
+            w_ce, w_div = token_weights(ce_tokens, div_tokens, cfg.token_normalization, ce_total, div_total, accum,
+                                        dist.world_size)
+            micro_step = distill_micro_step if m.roll is None else on_policy_micro_step
+            r = micro_step(m, w_ce, w_div, train_model, model, teacher, scaler, amp, cfg, last_micro=micro == accum - 1)
+            sums += torch.stack([r.loss.double(), w_ce * r.ce.double(), w_div * r.div.double()])
             if log_step:
-                agree, targets = token_agreement(student_hidden, student_head, teacher_hidden, teacher_head, mask)
-                sums["agree"] += agree
-                sums["targets"] += targets
-            step_tokens += int(batch["attention_mask"].ne(0).sum()) if "attention_mask" in batch \
-                else batch["input_ids"].numel()
+                agree, targets = token_agreement(r.student_hidden, student_head, r.teacher_hidden, teacher_head,
+                                                 m.div_mask)
+                agreement = [agreement[0] + agree, agreement[1] + targets]
         lr = optim.cosine_lr(step, max_steps, cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
         grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
         step += 1
         # tokens/s counts this rank's real (unpadded) tokens times the number of ranks: an estimate, without a sync
-        logger.tick(tokens=step_tokens * dist.world_size, samples=sampler.global_batch)
+        logger.tick(tokens=sum(tokens_read(m, train_set) for m in micros) * dist.world_size,
+                    samples=sampler.global_batch)
         if log_step:
-            metrics = {"loss": sums["loss"], "loss/ce": sums["ce"], "loss/distill": sums["distill"],
-                       "distill/agreement": sums["agree"] / max(sums["targets"], 1),
-                       "distill/on_policy": sums["on_policy"] / accum}
+            loss, ce, div = sums.tolist()
+            metrics = {"loss": loss, "loss/ce": ce, "loss/distill": div,
+                       "distill/agreement": agreement[0] / max(agreement[1], 1),
+                       "distill/on_policy": sum(m.roll is not None for m in micros) / accum}
             if cfg.lmbda > 0:
-                metrics["completions/mean_length"] = sums["completion_tokens"] / max(sums["completions"], 1)
+                metrics["completions/mean_length"] = completion_mean_length(micros, counts)
             metrics = distributed.mean_over_ranks(metrics, dist.device)
             logger.log_train(step, loss=metrics.pop("loss"), lr=lr, grad_norm=grad_norm.item(),
                              epoch=sampler.epoch_progress, show=("loss/ce", "loss/distill", "distill/agreement"),
                              **metrics)
     logger.close()
     print0(f"done: {cfg.out_dir}/final")
+
+
+# =============================================================================================================
+# === Extension: on-policy micro-batches (GKD, --lmbda > 0) ===
+# =============================================================================================================
+
+def is_on_policy(k: int, lmbda: float) -> bool:
+    """Whether micro-batch k (0, 1, 2, ... over the whole run) is sampled by the student: the first n micro-batches
+    hold exactly floor(n * lmbda) on-policy ones, whatever n, and the choice depends on k alone (resume, ranks)."""
+    return math.floor((k + 1) * lmbda + 1e-9) > math.floor(k * lmbda + 1e-9)
+
+
+def last_answer_start(labels: list[int]) -> int:
+    """Position of the first token of the last assistant turn (the last run of targets) of a conversation's labels:
+    the ids before it are the prompt the student completes on an on-policy batch."""
+    end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
+
+
+def on_policy_sampler(train_model, train_set: ChatDataset, tokenizer, cfg: DistillConfig, amp):
+    """sample(k, indices): the student's completions (sequences.rollout) of the conversations' last prompts when
+    micro-batch k is on-policy, else None."""
+    prompt_ids = [ids[:last_answer_start(labels)] for ids, labels in train_set.conversations]
+
+    def sample(k: int, indices: list[int]) -> sequences.Rollout | None:
+        if not is_on_policy(k, cfg.lmbda):
+            return None
+        with amp:
+            return sequences.rollout(train_model, [prompt_ids[i] for i in indices], cfg.max_new_tokens,
+                                     cfg.temperature, tokenizer.eos_id, tokenizer.pad_id)
+    return sample
+
+
+def on_policy_micro_step(m: MicroBatch, w_ce: float, w_div: float, train_model, model, teacher, scaler, amp,
+                         cfg: DistillConfig, last_micro: bool) -> MicroResult:
+    """D_T over the student's own completion tokens; the CE stays on the data's answers, in a forward and backward
+    pass of its own (no backward when alpha = 0)."""
+    accum = cfg.accumulation_steps
+    with optim.sync_gradients(train_model, last_micro_step=False), \
+            (nullcontext() if cfg.alpha > 0 else torch.no_grad()):
+        with amp:
+            out = train_model(**m.batch)
+        ce, aux = ce_and_aux(out, model)
+        if cfg.alpha > 0:
+            scaler.scale(cfg.alpha * w_ce * ce + aux / accum).backward()
+    sampled_inputs = {"input_ids": m.roll.input_ids, "attention_mask": m.roll.attention_mask}
+    with optim.sync_gradients(train_model, last_micro_step=last_micro):
+        with amp:
+            sampled = train_model(**sampled_inputs, compute_logits=False)
+            student_hidden = predicting(sampled.hidden_states)
+            teacher_hidden = teacher_states(teacher, sampled_inputs)
+            div = divergence(student_hidden, model.lm_head.weight, teacher_hidden, teacher.lm_head.weight, m.div_mask,
+                             cfg.distill_loss, cfg.jsd_beta, cfg.distill_temperature)
+        loss = objective(torch.zeros_like(div), w_div * div, cfg.alpha, cfg.distill_temperature)
+        if sampled.aux_loss is not None:       # an MoE student keeps balancing its experts
+            loss = loss + model.config.router_aux_loss_coef * sampled.aux_loss / accum
+        scaler.scale(loss).backward()
+    loss = loss.detach() + cfg.alpha * w_ce * ce.detach() + aux.detach() / accum
+    return MicroResult(loss, ce.detach(), div.detach(), student_hidden, teacher_hidden)
+
+
+def completion_mean_length(micros: list[MicroBatch], counts: list[list[int]]) -> float:
+    """The mean length of the step's on-policy completions (their D_T target counts over their sequences)."""
+    on_policy = [(m, div_tokens) for m, (_, div_tokens) in zip(micros, counts) if m.roll is not None]
+    return sum(n for _, n in on_policy) / max(sum(len(m.indices) for m, _ in on_policy), 1)
 
 
 def main(argv: list[str] | None = None) -> None:
