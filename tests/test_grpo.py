@@ -2,7 +2,8 @@
 # GRPO (trainer/train_grpo.py) and the RL pieces of the runtime: group advantages under each scaling, the clipped
 # surrogate with separate low/high bounds, the k3 KL estimator, each loss aggregation, rollout layout and
 # log-probabilities against full logits; end to end a short run on the embedded prompts, and 2 ranks whose
-# parameters stay identical after updates (and a check that catches ranks that drift apart).
+# parameters stay identical after updates (and a check that catches ranks that drift apart; the collectives GRPO and
+# SPO use, over 2 ranks).
 import json
 import math
 import textwrap
@@ -13,10 +14,10 @@ import torch
 from conftest import run_script
 from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
-from minitrain.trainer.sequences import gather_logprobs, pack_sequences, rollout
-from minitrain.trainer.train_grpo import k3_kl
+from minitrain.trainer.distributed import mean_var_over_ranks
+from minitrain.trainer.sequences import gather_logprobs, pack_sequences, rollout, sample_completions
+from minitrain.trainer.train_grpo import aggregate_loss, group_advantages, k3_kl
 from minitrain.trainer.train_ppo import clipped_surrogate
-from minitrain.trainer.train_grpo import aggregate_loss, batch_reward_std, group_advantages
 
 
 def test_group_advantages_under_each_scaling():
@@ -32,12 +33,13 @@ def test_group_advantages_under_each_scaling():
 
 def test_batch_scaled_advantages_do_not_move_when_every_reward_shifts():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0, 1.0])   # 3 groups of 4
-    assert batch_reward_std(rewards) == pytest.approx(rewards.double().std().item(), rel=1e-12)
+    batch_std = lambda r: mean_var_over_ranks(r, correction=1)[1].sqrt().item()       # what scale "batch" divides by
+    assert batch_std(rewards) == pytest.approx(rewards.double().std().item(), rel=1e-12)
     for offset in (100.0, 1000.0):      # one float32 pass of E[r^2] - mean^2: 12% off at 100, exactly 0 at 1000
         shifted = rewards + offset
-        assert batch_reward_std(shifted) == pytest.approx(batch_reward_std(rewards), rel=1e-6)
-        A = group_advantages(shifted, 4, "batch", batch_reward_std(shifted))
-        assert torch.allclose(A, group_advantages(rewards, 4, "batch", batch_reward_std(rewards)), atol=1e-5)
+        assert batch_std(shifted) == pytest.approx(batch_std(rewards), rel=1e-6)
+        A = group_advantages(shifted, 4, "batch")
+        assert torch.allclose(A, group_advantages(rewards, 4, "batch", batch_std(rewards)), atol=1e-5)
 
 
 def test_clipped_surrogate_and_its_clip_indicators():
@@ -129,6 +131,11 @@ def test_rollout_layout_and_logprobs_equal_full_logits():
     # pack_sequences gives the same layout for the same prompts and completions
     ids, attention, mask, P2 = pack_sequences(prompts, out.completions, 0, torch.device("cpu"))
     assert P2 == P and torch.equal(ids, out.input_ids) and torch.equal(mask, out.completion_mask)
+    # sample_completions draws the same completions, unpacked; in chunks of batch_size prompts, greedy rows alike
+    same = sample_completions(model, prompts, 5, 1.0, 2, 0, generator=torch.Generator().manual_seed(1))
+    assert same.completions == out.completions and same.finished == out.finished.tolist()
+    greedy = sample_completions(model, prompts * 2, 5, 0.0, 2, 0).completions
+    assert sample_completions(model, prompts * 2, 5, 0.0, 2, 0, batch_size=3).completions == greedy
 
 
 def grpo_args(checkpoints, out, *extra):
@@ -186,7 +193,8 @@ def test_grpo_runs_and_logs_trl_metrics(trained_checkpoints, tmp_path):
 def test_two_ranks_keep_identical_parameters(trained_checkpoints, tmp_path):
     r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, tmp_path / "ddp", "--max_steps", "2",
                                                "--save_interval", "1", "--filter_zero_std_groups",
-                                               "--num_iterations", "2", "--beta", "0.05"), ranks=2)
+                                               "--num_iterations", "2", "--beta", "0.05", "--scale_rewards",
+                                               "batch"), ranks=2)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("replicas: parameters identical on 2 ranks") == 2   # after steps 1 and 2
 
@@ -222,6 +230,33 @@ def test_check_replicas_catches_ranks_that_drift_apart(tmp_path):
     for rank in (0, 1):     # every rank stops, not only the one that sees the difference
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith(
             "caught: parameters differ between rank 0 and ranks [1]")
+
+
+COLLECTIVES = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from minitrain.trainer import distributed
+    info = distributed.setup_distributed("cpu")
+    mine = torch.tensor([1000.0, 1001.5, 1003.0]) + 4 * info.rank           # rank 1: 1004, 1005.5, 1007
+    mean, var = distributed.mean_var_over_ranks(mine, correction=1)
+    result = {"mean": mean.item(), "var": var.item(),
+              "any": [distributed.any_rank(info.rank == 1, info.device), distributed.any_rank(False, info.device)],
+              "json": distributed.all_gather_json([{"rank": info.rank}], info.device)}
+    with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+""")
+
+
+def test_the_collectives_of_grpo_and_spo_over_two_ranks(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    r = run_script(str(script), str(tmp_path), ranks=2, timeout=120)
+    assert r.returncode == 0, r.stderr
+    both = torch.tensor([1000.0, 1001.5, 1003.0, 1004.0, 1005.5, 1007.0], dtype=torch.float64)
+    for rank in (0, 1):     # every rank gets the statistics of all ranks' values, and every rank's records in order
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["mean"] == pytest.approx(both.mean().item()) and result["var"] == pytest.approx(both.var().item())
+        assert result["any"] == [True, False] and result["json"] == [[{"rank": 0}], [{"rank": 1}]]
 
 
 def test_grpo_takes_its_reward_from_a_reward_model(trained_checkpoints, tmp_path):

@@ -1,16 +1,17 @@
 """Which samples each rank reads, from a global data position any number of ranks can continue from.
 
 GlobalBatchSampler turns (epoch, samples consumed) into each rank's micro-batches; load_batch collates and moves them.
-prepare_phase_data makes the phase's mixture (dataset/mixer.py) on rank 0; load_packed_data opens the token caches
-of the packed pretraining/midtraining datasets.
+prepare_phase_data makes the phase's mixture (dataset/mixer.py) on rank 0; prepare_prompts opens the rlaif phase's
+prompts (RL, make_pairs); load_packed_data opens the token caches of the packed pretraining/midtraining datasets.
 """
 
 
 import torch
 
 from minitrain.dataset.jsonl import DataError
-from minitrain.dataset.mixer import load_prepared, prepare_mixture, resolve_mixture
+from minitrain.dataset.mixer import format_summary, load_prepared, prepare_mixture, resolve_mixture
 from minitrain.dataset.pretokenize import PackedTokenDataset, build_token_cache
+from minitrain.dataset.prompts import PromptDataset
 from minitrain.model.config import ConfigError
 from minitrain.trainer.configuration import TrainConfig
 from minitrain.trainer.distributed import DistInfo, on_main_rank, print0
@@ -103,6 +104,16 @@ def prepare_phase_data(phase: str, cfg: TrainConfig, tokenizer, dist: DistInfo):
     if not cfg.use_prepared:
         on_main_rank(lambda: prepare_mixture(mixture, cfg.prepared_dir, tokenizer), dist)
     return load_prepared(mixture, cfg.prepared_dir)
+
+
+def prepare_prompts(cfg, tokenizer, dist: DistInfo):
+    """(PreparedData, PromptDataset) of the rlaif phase, for the RL trainers and make_pairs: prepare_phase_data, then
+    the prompts of its training split, those longer than cfg.max_prompt_length dropped; both summaries printed."""
+    data = prepare_phase_data("rlaif", cfg, tokenizer, dist)
+    print0(format_summary(data.summary))
+    prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
+    print0(f"prompts: {prompts.describe()}")
+    return data, prompts
 
 
 def load_packed_data(prepared, tokenizer, seq_len: int, dist: DistInfo):

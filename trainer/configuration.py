@@ -1,5 +1,7 @@
 """What a run is told, and how bad input is reported: the flags every trainer shares and how they are read.
 
+    RunConfig            the fields of every script that starts from a model and reads data (config file, model,
+                         data): TrainConfig's first fields, and make_pairs' PairsConfig's
     TrainConfig          the shared fields (model, data, length and batch, optimiser, LoRA, runtime, logging); a
                          method's config subclasses it, adds its fields and sets the shared ones it runs with
     parse_config         dataclass defaults < --config YAML < command-line flags; every field is a flag, every
@@ -67,8 +69,11 @@ class FlagError(ConfigError):
 
 
 @dataclass
-class TrainConfig:
-    """Flags every trainer shares. A method subclasses this and adds its own fields."""
+class RunConfig:
+    """Flags of every script that starts from a model and reads a data mixture: the trainers (TrainConfig) and
+    trainer/make_pairs.py. These are TrainConfig's first fields: a config's field order is the order of the config
+    dict saved in every checkpoint (minitrain.json, resume_state.json), so only a prefix of TrainConfig can live here.
+    """
 
     # ---- config file ----
     config: str = field(default="", metadata={"help": "YAML file of flag values; flags given on the command line "
@@ -91,6 +96,17 @@ class TrainConfig:
                                                                 "prepared in --prepared_dir"})
     prepared_dir: str = field(default="data/prepared", metadata={"help": "where the prepared train/validation JSONL "
                                                                          "files and token caches are written"})
+
+    def validate(self) -> None:
+        if self.data_config and self.data_path:
+            raise FlagError("data_path", "and --data_config are alternatives: give one")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Flags every trainer shares. A method subclasses this and adds its own fields."""
+
+    # ---- data (config file, model and mixture: RunConfig's fields) ----
     max_seq_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
     # ---- output ----
     out_dir: str = field(default="out/run", metadata={"help": "checkpoints, metrics.jsonl and wandb files go here"})
@@ -187,8 +203,7 @@ class TrainConfig:
                 parse_task_names(self.eval_tasks)
             except ValueError as e:
                 raise FlagError("eval_tasks", str(e)) from None
-        if self.data_config and self.data_path:
-            raise FlagError("data_path", "and --data_config are alternatives: give one")
+        super().validate()
 
 
 def parse_bool(text: str) -> bool:
@@ -257,6 +272,12 @@ def flag_type(tp):
     return convert_optional
 
 
+def shared_field_metadata() -> dict[str, dict]:
+    """Help and choices of each shared field (TrainConfig's): a config that only sets a shared field's default keeps
+    them."""
+    return {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+
+
 def config_field_types(config_cls) -> dict[str, tuple[type, dataclasses.Field]]:
     hints = typing.get_type_hints(config_cls)
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(config_cls)}
@@ -297,7 +318,7 @@ def read_config_yaml(path: str, fields: dict, model_fields: dict) -> dict[str, t
         else:
             raise ConfigError(f"{where} is unknown (neither a flag of this trainer nor a ModelConfig field)")
         value = coerce(value, tp, where)
-        choices = f.metadata.get("choices")
+        choices = (f.metadata or shared_field_metadata().get(key, {})).get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
         values[key] = (value, where)
@@ -305,7 +326,7 @@ def read_config_yaml(path: str, fields: dict, model_fields: dict) -> dict[str, t
 
 
 def parse_config(config_cls, argv: list[str] | None = None):
-    """Build `config_cls` (a TrainConfig subclass) from its defaults, --config YAML and flags.
+    """Build `config_cls` (a TrainConfig subclass, or another RunConfig one) from its defaults, --config YAML and flags.
 
     Precedence, lowest first: the dataclass defaults (what a bare run does: a method's config sets the shared fields
     it runs with), the file given by --config (a recipe, e.g. config/train/<name>.yaml), the command line. Every
@@ -321,7 +342,7 @@ def parse_config(config_cls, argv: list[str] | None = None):
 
     parser = OneLineParser(description=(config_cls.__doc__ or "").strip(), argument_default=argparse.SUPPRESS)
     # a method's config that sets the default of a shared field keeps the field's help and choices
-    shared_metadata = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    shared_metadata = shared_field_metadata()
     groups = {"shared": parser.add_argument_group("flags every trainer shares"),
               "method": parser.add_argument_group(f"{config_cls.__name__} flags"),
               "model": parser.add_argument_group("model fields (override --model_config / --init_from)")}

@@ -2,12 +2,14 @@
 
 A plain `python trainer/train_x.py` is rank 0 of 1 and creates no process group; under torchrun each process joins
 one (nccl on CUDA, gloo on CPU). print0 prints on rank 0 only. Collectives send tensors, never pickles:
-all_reduce_mean, all_gather_rows, all_gather_bytes, broadcast_text. on_main_rank runs work on rank 0 while the
+all_reduce_mean, mean_over_ranks, mean_var_over_ranks, any_rank, all_gather_rows, all_gather_bytes, all_gather_json,
+broadcast_text. on_main_rank runs work on rank 0 while the
 others wait, and raises its user errors on every rank. check_replicas proves the ranks hold the same weights.
 """
 
 import gc
 import importlib
+import json
 import os
 import random
 import sys
@@ -137,6 +139,12 @@ def all_gather_bytes(data: torch.Tensor, device: torch.device) -> list[torch.Ten
     return [g[:int(s.item())].cpu() for g, s in zip(gathered, sizes)]
 
 
+def all_gather_json(value, device: torch.device) -> list:
+    """Every rank's JSON-able value, in rank order (sent as JSON bytes through all_gather_bytes: nothing is pickled)."""
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    return [json.loads(bytes(chunk.tolist())) for chunk in all_gather_bytes(data, device)]
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's generators (all devices)."""
     random.seed(seed)
@@ -191,6 +199,33 @@ def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str
     tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
     values /= tdist.get_world_size()
     return dict(zip(metrics, values.tolist()))
+
+
+def mean_var_over_ranks(values: torch.Tensor, correction: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and variance of every rank's values together, as float64 scalars (correction=1: Bessel's, n - 1).
+
+    Two passes in float64: the mean (one all-reduce of sum and count), then the squared deviations from it
+    (another). One pass of E[x^2] - mean^2 cancels catastrophically for values far from zero (a variance of 0 at an
+    offset of 1000 in float32), and a normalisation must not move when every value shifts.
+    """
+    x = values.double()                                                          # [n] this rank's values
+    stats = torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+    if is_distributed():
+        tdist.all_reduce(stats)
+    mean, n = stats[0] / stats[1], stats[1]
+    squares = ((x - mean) ** 2).sum()
+    if is_distributed():
+        tdist.all_reduce(squares)
+    return mean, squares / (n - correction).clamp(min=1)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (so that all ranks take the same branch)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def check_replicas(model: nn.Module, dist: DistInfo) -> int:

@@ -18,12 +18,12 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
 
 Prompts come through the rlaif phase like every RL trainer's (config/data/rlaif/, --data_config or --data_path: rows
 of {"prompt"} or {"messages"} with the fields the rewards read, e.g. "task" and "answer"); the training split of the
-prepared mixture is used. Each prompt is answered --samples_per_prompt times (sequences.rollout, batched, sampled at
---temperature / --top_k / --top_p); answers that run out of --max_new_tokens before <|im_end|> are left out unless
---keep_unfinished. The answers are scored with --reward_funcs / --reward_weights (trainer/rewards.py: exact_answer,
-format, tiered, length_penalty, or module:function). The highest-scoring answer becomes `chosen`, the lowest
-`rejected` (the first of equals); a prompt whose answers all score within --min_score_gap of each other teaches
-nothing and is skipped (counted).
+prepared mixture is used. Each prompt is answered --samples_per_prompt times (sequences.sample_completions,
+--generation_batch_size at a time, sampled at --temperature / --top_k / --top_p); answers that run out of
+--max_new_tokens before <|im_end|> are left out unless --keep_unfinished. The answers are scored with --reward_funcs /
+--reward_weights (trainer/rewards.py: exact_answer, format, tiered, length_penalty, or module:function). The
+highest-scoring answer becomes `chosen`, the lowest `rejected` (the first of equals); a prompt whose answers all score
+within --min_score_gap of each other teaches nothing and is skipped (counted).
 
 Output, in --out_dir:
     pairs.jsonl     {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...], "id",
@@ -41,36 +41,23 @@ from dataclasses import dataclass, field
 import torch
 
 from minitrain.dataset.files import write_atomic
-from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.prompts import PromptDataset
 from minitrain.model.checkpoint import check_model_dir, load_tokenizer, load_weights
 from minitrain.model.config import ConfigError, load_model_config
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer import batches, distributed, optim, sequences
-from minitrain.trainer.configuration import USER_ERRORS, FlagError, fail, parse_config
+from minitrain.trainer.configuration import USER_ERRORS, FlagError, RunConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 from minitrain.trainer.rewards import RewardError, parse_reward_flags
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(RunConfig):
     """Sample k answers per prompt from a model, score them, write the best and the worst as a preference pair."""
 
-    # ---- config file ----
-    config: str = field(default="", metadata={"help": "YAML file of flag values; flags given on the command line "
-                                                      "override it"})
-    # ---- model ----
-    init_from: str = field(default="out/sft/final", metadata={"help": "the checkpoint directory that answers"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer directory or tokenizer.json; empty = the "
-                                                         "--init_from directory's"})
-    model_overrides: dict = field(default_factory=dict, metadata={
-        "help": "ModelConfig fields changed from the checkpoint's (e.g. --max_position_embeddings)"})
+    # ---- shared flags (RunConfig: config file, model, prompt mixture) set to what a bare run uses ----
+    init_from: str = "out/sft/final"
     # ---- prompts ----
-    data_config: str = field(default="", metadata={"help": "rlaif prompt mixture YAML; empty = "
-                                                           "config/data/rlaif/default.yaml"})
-    data_path: str = field(default="", metadata={"help": "one JSON/JSONL file of prompts instead of a mixture"})
-    use_prepared: bool = field(default=False, metadata={"help": "reuse the prompt files an earlier run prepared"})
-    prepared_dir: str = field(default="data/prepared", metadata={"help": "where prepared prompt files are written"})
     max_prompts: int = field(default=0, metadata={"help": "answer only the first N prompts; 0 = all"})
     max_prompt_length: int = field(default=192, metadata={"help": "longer prompts are dropped (and counted)"})
     # ---- sampling ----
@@ -88,12 +75,11 @@ class PairsConfig:
     reward_weights: str = field(default="", metadata={"help": "comma-separated weights; empty = 1 each"})
     min_score_gap: float = field(default=0.0, metadata={"help": "skip prompts whose best and worst scores differ by "
                                                                 "this or less (0: skip only all-equal ones)"})
-    # ---- output and runtime ----
+    # ---- output and runtime (TrainConfig's flags; not in RunConfig, which holds only TrainConfig's first fields) ----
     out_dir: str = field(default="data/pairs", metadata={"help": "pairs.jsonl and manifest.json are written here"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda"})
-    dtype: str = field(default="auto", metadata={"help": "autocast dtype: auto, float32, bfloat16, float16",
-                                                 "choices": ["auto", "float32", "bfloat16", "float16"]})
-    seed: int = field(default=42, metadata={"help": "seed of the prompt mixture and of sampling (rank r: seed + r)"})
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 42
 
     def validate(self) -> None:
         for name, low in (("samples_per_prompt", 2), ("max_new_tokens", 1), ("generation_batch_size", 1),
@@ -109,8 +95,7 @@ class PairsConfig:
             raise FlagError("min_score_gap", f"must not be negative, got {self.min_score_gap}")
         if not self.init_from:
             raise FlagError("init_from", "is required: the model whose answers are ranked")
-        if self.data_config and self.data_path:
-            raise FlagError("data_path", "and --data_config are alternatives: give one")
+        super().validate()
         try:
             parse_reward_flags(self.reward_funcs, self.reward_weights)
         except RewardError as e:
@@ -138,14 +123,11 @@ def make_pairs(prompts: PromptDataset, indices: list[int], model, tokenizer, rew
     """One record per prompt of `indices`: its k answers, whether each finished, and their scores."""
     k = cfg.samples_per_prompt
     jobs = [i for i in indices for _ in range(k)]                  # each prompt k times, side by side
-    completions, finished = [], []
-    for start in range(0, len(jobs), cfg.generation_batch_size):
-        chunk = jobs[start:start + cfg.generation_batch_size]
-        with amp:
-            out = sequences.rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, cfg.temperature,
-                          tokenizer.eos_id, tokenizer.pad_id, generator=generator, top_k=cfg.top_k, top_p=cfg.top_p)
-        completions += [tokenizer.decode(c) for c in out.completions]
-        finished += out.finished.tolist()
+    with amp:
+        out = sequences.sample_completions(model, [prompts.ids[i] for i in jobs], cfg.max_new_tokens, cfg.temperature,
+                                           tokenizer.eos_id, tokenizer.pad_id, cfg.generation_batch_size,
+                                           generator=generator, top_k=cfg.top_k, top_p=cfg.top_p)
+    completions, finished = [tokenizer.decode(c) for c in out.completions], out.finished
     scores, _ = reward([prompts.text(i) for i in jobs], completions, prompts.columns(jobs)) if jobs else ([], {})
     return [{"i": i, "answers": completions[n * k:(n + 1) * k], "finished": finished[n * k:(n + 1) * k],
              "scores": scores[n * k:(n + 1) * k]} for n, i in enumerate(indices)]
@@ -171,10 +153,7 @@ def run(cfg: PairsConfig) -> None:
     distributed.seed_everything(cfg.seed)
     model, tokenizer = load_policy(cfg, dist.device)
     print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}")
-    data = batches.prepare_phase_data("rlaif", cfg, tokenizer, dist)
-    print0(format_summary(data.summary))
-    prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
-    print0(f"prompts: {prompts.describe()}")
+    data, prompts = batches.prepare_prompts(cfg, tokenizer, dist)
     total = min(len(prompts), cfg.max_prompts) if cfg.max_prompts else len(prompts)
     mine = list(range(dist.rank, total, dist.world_size))
     amp = optim.autocast_context(dist.device, optim.resolve_dtype(cfg.dtype, dist.device))
@@ -183,11 +162,10 @@ def run(cfg: PairsConfig) -> None:
 
     started = time.time()
     records = make_pairs(prompts, mine, model, tokenizer, reward, cfg, amp, generator)
-    payload = torch.frombuffer(bytearray(json.dumps(records).encode()), dtype=torch.uint8)
-    gathered = distributed.all_gather_bytes(payload, dist.device)        # every rank's records, as JSON bytes (nothing pickled)
+    gathered = distributed.all_gather_json(records, dist.device)                 # every rank's records
     seconds = time.time() - started
     if dist.is_main:
-        records = sorted((r for chunk in gathered for r in json.loads(bytes(chunk.tolist()))), key=lambda r: r["i"])
+        records = sorted((r for part in gathered for r in part), key=lambda r: r["i"])
         write_outputs(records, prompts, cfg, data.summary, seconds)
 
 

@@ -18,6 +18,9 @@ A reward function takes the prompts, the completions and the other fields of the
 
     reward = CombinedReward(["exact_answer", "format"], [1.0, 0.1])
     total, per_function = reward(prompts, completions, rows)   # total[i] = sum_f w_f * f(...)[i]
+
+parse_reward_flags builds that from the two flags; check_reward_flags checks an RL config's reward flags (validate);
+score_completions adds a reward model's weighted score (--reward_model, trainer/train_reward.py) to the functions'.
 """
 
 import importlib
@@ -31,6 +34,7 @@ import torch.nn as nn
 from minitrain.eval.tasks import extract_answer, get_task, problem_from_row
 from minitrain.model.config import ConfigError
 from minitrain.model.heads import load_reward_model
+from minitrain.trainer.configuration import FlagError
 from minitrain.trainer.modeling import check_same_tokenizer
 from minitrain.trainer.sequences import pack_sequences
 
@@ -182,6 +186,18 @@ def parse_reward_flags(funcs: str, weights: str) -> CombinedReward:
     return CombinedReward(specs, values)
 
 
+def check_reward_flags(cfg) -> None:
+    """An RL config's --reward_funcs / --reward_weights / --reward_model: something must score the completions, and
+    each reward function must load (FlagError otherwise, which parse_config reports)."""
+    if not cfg.reward_funcs.strip() and not cfg.reward_model:
+        raise FlagError("reward_funcs", "is empty and no --reward_model is given: nothing scores the completions")
+    if cfg.reward_funcs.strip():
+        try:
+            parse_reward_flags(cfg.reward_funcs, cfg.reward_weights)
+        except RewardError as e:
+            raise FlagError("reward_funcs", str(e)) from None
+
+
 # ---- reward models (a checkpoint of trainer/train_reward.py scores the completions) ----
 
 def load_frozen_reward_model(path: str, tokenizer, device: torch.device, flag: str = "reward_model") -> nn.Module:
@@ -194,6 +210,25 @@ def load_frozen_reward_model(path: str, tokenizer, device: torch.device, flag: s
                           f"policy's tokenizer ({tokenizer.vocab_size} tokens)")
     reward_model.requires_grad_(False)
     return reward_model.eval()
+
+
+def score_completions(reward: CombinedReward | None, reward_model: nn.Module | None, prompts, indices: list[int],
+                      completions: list[list[int]], tokenizer, reward_model_weight: float, batch_size: int,
+                      amp) -> tuple[list[float], dict[str, list[float]]]:
+    """The reward of each completion of prompts[indices] (a PromptDataset): the reward functions on the decoded text
+    plus reward_model_weight * the reward model's score; and each part's scores by name ("reward_model" for the
+    model's). Either part may be None."""
+    total, per_function = [0.0] * len(indices), {}
+    if reward is not None:
+        total, per_function = reward([prompts.text(i) for i in indices], [tokenizer.decode(c) for c in completions],
+                                     prompts.columns(indices))
+    if reward_model is not None:        # scored at the last token of prompt + completion
+        with amp:
+            scores = reward_model_scores(reward_model, [prompts.ids[i] for i in indices], completions,
+                                         tokenizer.pad_id, next(reward_model.parameters()).device, batch_size)
+        per_function["reward_model"] = scores
+        total = [t + reward_model_weight * x for t, x in zip(total, scores)]
+    return total, per_function
 
 
 def reward_model_scores(reward_model: nn.Module, prompts: list[list[int]], completions: list[list[int]],

@@ -2,9 +2,13 @@
 
     gather_logprobs      log p(x_t+1 | x_<=t) [B, T-1] through the fused kernel: no [B, T, V] logits are held
     reference_logprobs   the same under the frozen reference (or the LoRA base), without gradients
-    rollout              sampled completions (KV cache, fused sampler) laid out by pack_sequences as a Rollout:
-                         [left padding | prompt | completion | right padding], completion_mask lined up with
-                         gather_logprobs
+    completion_logprobs  the log-probs of given completions' tokens, one list per completion, without gradients
+    sample_completions   one sampled completion per prompt (KV cache, fused sampler), batch_size prompts at a time:
+                         the token lists and whether each stopped at EOS, not laid out (for callers that score the
+                         text, or that pack their own micro-batches with pack_sequences)
+    rollout              the same for one batch, laid out by pack_sequences as a Rollout: [left padding | prompt |
+                         completion | right padding], completion_mask lined up with gather_logprobs
+    check_rollout_flags  an RL config's --init_from, lengths and sampling flags (its validate calls it)
     step_token_count     the completion tokens of a whole optimizer step, all ranks: the divisor of a global token mean
     masked_mean          the mean of values where mask is 1
 
@@ -29,10 +33,11 @@ import torch.nn as nn
 from minitrain.dataset.files import file_sha256
 from minitrain.kernels import fused_linear_logprobs
 from minitrain.model.checkpoint import weight_files
-from minitrain.model.generate import generate
+from minitrain.model.generate import GenerationOutput, generate
 from minitrain.model.lora import adapters_disabled, has_lora
 from minitrain.model.transformer import unwrap
 from minitrain.trainer import batches
+from minitrain.trainer.configuration import FlagError
 from minitrain.trainer.distributed import all_gather_rows, broadcast_text, is_distributed
 
 
@@ -97,19 +102,71 @@ def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_t
 
 
 @torch.no_grad()
+def sample_completions(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature, eos_token_id,
+                       pad_token_id: int, batch_size: int | None = None, generator: torch.Generator | None = None,
+                       top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> GenerationOutput:
+    """Sample one completion per prompt, batch_size prompts per generate call (None: all at once; KV cache, the
+    fused sampler; rows stop at EOS on their own). Returns the completions' token lists and whether each stopped at
+    EOS, in the prompts' order; nothing is laid out for a forward pass (rollout does that)."""
+    raw = unwrap(model)                                  # generate restores its training mode
+    completions, finished = [], []
+    step = batch_size or max(1, len(prompts))
+    for start in range(0, len(prompts), step):
+        out = generate(raw, prompts[start:start + step], max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                       generator=generator)
+        completions += out.completions
+        finished += out.finished
+    return GenerationOutput(completions=completions, finished=finished)
+
+
+@torch.no_grad()
 def rollout(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature, eos_token_id,
             pad_token_id: int, generator: torch.Generator | None = None, top_k: int = 0, top_p: float = 1.0,
             min_p: float = 0.0) -> Rollout:
-    """Sample one completion per prompt (batched, KV cache, the fused sampler; rows stop at EOS on their own)."""
-    raw = unwrap(model)
-    was_training = raw.training
-    out = generate(raw, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
-    raw.train(was_training)
-    device = next(raw.parameters()).device
+    """Sample one completion per prompt (batched, KV cache, the fused sampler; rows stop at EOS on their own), laid
+    out for one forward pass. A caller that only needs the completions, or packs its own micro-batches, calls
+    sample_completions instead."""
+    out = sample_completions(model, prompts, max_new_tokens, temperature, eos_token_id, pad_token_id,
+                             generator=generator, top_k=top_k, top_p=top_p, min_p=min_p)
+    device = next(unwrap(model).parameters()).device
     input_ids, attention_mask, completion_mask, P = pack_sequences(prompts, out.completions, pad_token_id, device)
     return Rollout(input_ids, attention_mask, completion_mask, out.completions,
                    torch.tensor(out.finished, device=device), P)
+
+
+@torch.no_grad()
+def completion_logprobs(model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
+                        pad_token_id: int, temperature: float = 1.0) -> list[list[float]]:
+    """log p(token) of each completion token given its prompt, one list per completion (no gradient; the forward
+    pass skips any DDP wrapper: nothing is all-reduced)."""
+    if not prompts:
+        return []
+    raw = unwrap(model)
+    ids, attention, mask, _ = pack_sequences(prompts, completions, pad_token_id, next(raw.parameters()).device)
+    logp = gather_logprobs(raw, ids, attention, temperature).float()                         # [B, P + C - 1]
+    return [logp[b][mask[b].bool()].tolist() for b in range(len(prompts))]
+
+
+def check_rollout_flags(cfg) -> None:
+    """An RL config's rollout flags, FlagError (which parse_config reports) when one is out of range: --init_from (RL
+    starts from a trained model), the lengths, --generation_batch_size, --top_k, --top_p and the sampling temperature,
+    with its schedule (--temperature_start / _end / _warmup_steps) where the config has one."""
+    if not cfg.init_from:
+        raise FlagError("init_from", "is required: RL starts from a trained checkpoint "
+                                     "(e.g. --init_from out/sft/final)")
+    for name, low in (("max_prompt_length", 1), ("max_new_tokens", 1), ("generation_batch_size", 1), ("top_k", 0),
+                      ("temperature_warmup_steps", 0)):
+        if getattr(cfg, name, low) < low:
+            raise FlagError(name, f"must be at least {low}, got {getattr(cfg, name)}")
+    for name in ("temperature", "temperature_start", "temperature_end"):
+        value = getattr(cfg, name, None)
+        if value is not None and not value > 0:
+            raise FlagError(name, f"must be positive, got {value}")
+    if (getattr(cfg, "temperature_start", None) is None) != (getattr(cfg, "temperature_end", None) is None):
+        raise FlagError("temperature_start", "and --temperature_end go together")
+    if not 0 < cfg.top_p <= 1:
+        raise FlagError("top_p", f"must be in (0, 1], got {cfg.top_p}")
 
 
 def step_token_count(masks: list[torch.Tensor], device: torch.device) -> float:

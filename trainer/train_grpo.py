@@ -20,36 +20,34 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
     # LoRA: adapters on the frozen model; the reference is the same model with adapters off
     python trainer/train_grpo.py --init_from out/sft/final --lora_rank 16 --learning_rate 1e-4
 
-A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. One step of the loop:
-
-  rollout     batch_size * accumulation_steps prompts per rank (phase rlaif: {"prompt" or "messages", "answer",
-              ...}), G = --num_generations completions each, sampled with the KV cache and the fused sampler at
-              the scheduled temperature; each scored by the reward functions (trainer/rewards.py) and/or a reward
-              model (--reward_model, trainer/train_reward.py).
-              --filter_zero_std_groups (dynamic sampling, DAPO): groups whose G rewards are all equal carry no
-              signal; they are dropped and fresh prompts are rolled out until the batch is full (at most
-              --max_resample_rounds more rounds, then the batch is filled with dropped groups, advantage 0).
-  advantages  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4) with --scale_rewards group; the std of the whole
-              batch (all ranks) with batch; no division with none (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783).
-  update      --num_iterations optimizer steps on the batch. Per completion token, with ratio = pi / pi_old:
+  arguments   GRPOConfig below is what a bare run does; `--config recipe.yaml` and flags override it
+  data        phase rlaif prompts ({"prompt" or "messages", "answer", ...}), longer than --max_prompt_length dropped;
+              batch_size * accumulation_steps of them per rank and step
+  model       --init_from; the KL term's reference is a frozen copy (under LoRA the model with its adapters off)
+  loop        rollout     G = --num_generations completions per prompt (roll_out_groups), sampled at the scheduled
+                          temperature, scored by the reward functions (trainer/rewards.py) and/or --reward_model
+              advantages  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4) with --scale_rewards group; the std of
+                          all ranks' rewards with batch; no division with none (group_advantages)
+              update      --num_iterations optimizer steps on the batch (grpo_update); per completion token, with
+                          ratio = pi / pi_old (1 with one iteration: only its gradient matters),
                   loss_t = -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_k3(pi || pi_ref)
-              aggregated by --loss_type (aggregate_loss below). With one iteration pi_old = pi (detached): the ratio
-              is 1 and only its gradient matters.
-  save        OUT_DIR/step_XXXXXX/ (Hugging Face layout, or PEFT adapters under LoRA, + resume state).
+                          aggregated by --loss_type (aggregate_loss)
+  save        OUT_DIR/step_XXXXXX/ (Hugging Face layout, or PEFT adapters under LoRA, + resume state), OUT_DIR/final
+  extensions  after train(): --filter_zero_std_groups (DAPO's dynamic sampling), --mask_truncated_completions
 """
 
-import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
-from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.prompts import PromptDataset
 from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
-from minitrain.trainer.rewards import RewardError, load_frozen_reward_model, parse_reward_flags, reward_model_scores
+from minitrain.trainer.rewards import (RewardError, check_reward_flags, load_frozen_reward_model, parse_reward_flags,
+                                      score_completions)
 from minitrain.trainer.train_ppo import clipped_surrogate
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -113,71 +111,41 @@ class GRPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.init_from:
-            raise FlagError("init_from", "is required: RL starts from a trained checkpoint "
-                                         "(e.g. --init_from out/sft/final)")
-        for name, low in (("num_generations", 2), ("max_prompt_length", 1), ("max_new_tokens", 1),
-                          ("num_iterations", 1), ("generation_batch_size", 1), ("max_resample_rounds", 0),
-                          ("temperature_warmup_steps", 0), ("top_k", 0)):
+        sequences.check_rollout_flags(self)
+        for name, low in (("num_generations", 2), ("num_iterations", 1), ("max_resample_rounds", 0)):
             if getattr(self, name) < low:
                 raise FlagError(name, f"must be at least {low}, got {getattr(self, name)}")
-        for name in ("temperature", "temperature_start", "temperature_end"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise FlagError(name, f"must be positive, got {value}")
-        if (self.temperature_start is None) != (self.temperature_end is None):
-            raise FlagError("temperature_start", "and --temperature_end go together")
-        if not 0 < self.top_p <= 1:
-            raise FlagError("top_p", f"must be in (0, 1], got {self.top_p}")
         if not 0 <= self.epsilon < 1:
             raise FlagError("epsilon", f"must be in [0, 1), got {self.epsilon}")
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise FlagError("epsilon_high", f"must not be negative, got {self.epsilon_high}")
         if self.beta < 0:
             raise FlagError("beta", f"must not be negative, got {self.beta}")
-        if not self.reward_funcs.strip() and not self.reward_model:
-            raise FlagError("reward_funcs", "is empty and no --reward_model is given: nothing scores the completions")
-        try:
-            if self.reward_funcs.strip():
-                parse_reward_flags(self.reward_funcs, self.reward_weights)
-        except RewardError as e:
-            raise FlagError("reward_funcs", str(e)) from None
+        check_reward_flags(self)
 
 
-# =============================================================================================================
-# The math: pure functions on tensors (tests/test_grpo.py checks each against its formula)
-# =============================================================================================================
+# === The math: functions on tensors (tests/test_grpo.py checks each against its formula) ===
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, batch_std: float | None = None,
                      eps: float = 1e-4) -> torch.Tensor:
     """Advantages of rewards [N * G] laid out group by group (G consecutive completions of one prompt).
 
-        A_i = r_i - mean(group)                               scale "none"  (Dr. GRPO)
+        A_i = r_i - mean(group)                               scale "none"  (Dr. GRPO, Liu et al. 2025, 2503.20783)
         A_i = (r_i - mean(group)) / (std(group) + eps)        scale "group" (GRPO; std with Bessel's correction)
-        A_i = (r_i - mean(group)) / (batch_std + eps)         scale "batch" (batch_std: of all rewards, all ranks)
+        A_i = (r_i - mean(group)) / (std(batch) + eps)        scale "batch" (the std of every rank's rewards)
+
+    std(batch) (Bessel's correction; batch_std replaces it when given) takes two passes in float64
+    (distributed.mean_var_over_ranks): advantages must not move when every reward shifts.
     """
     grouped = rewards.view(-1, group_size)                                       # [N, G]
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "group":
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centred = centred / ((rewards.std() if batch_std is None else batch_std) + eps)
+        if batch_std is None:
+            batch_std = distributed.mean_var_over_ranks(rewards, correction=1)[1].sqrt().item()
+        centred = centred / (batch_std + eps)
     return centred.reshape(-1)
-
-
-def batch_reward_std(rewards: torch.Tensor) -> float:
-    """The std (Bessel's correction) of every rank's rewards, in two passes in float64: the mean (one all-reduce),
-    then the squared deviations from it (another). One pass of E[r^2] - mean^2 cancels catastrophically for rewards
-    far from zero (0 at an offset of 1000 in float32), and advantages must not move when every reward shifts."""
-    r = rewards.double()                                                          # [n] this rank's rewards
-    stats = torch.stack([r.sum(), torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)])
-    if distributed.is_distributed():
-        torch.distributed.all_reduce(stats)
-    mean, n = stats[0] / stats[1], stats[1].item()
-    squares = ((r - mean) ** 2).sum()
-    if distributed.is_distributed():
-        torch.distributed.all_reduce(squares)
-    return math.sqrt(squares.item() / max(1.0, n - 1))
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,6 +160,18 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None 
     if mask is not None:
         delta = torch.where(mask.bool(), delta, 0.0)
     return torch.exp(delta) - delta - 1
+
+
+def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+                    mask: torch.Tensor, epsilon: float, epsilon_high: float, beta: float):
+    """loss_t = -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_k3(pi || pi_ref), [B, T],
+    ratio = exp(logp - old_logp) (GRPO's objective, arXiv 2402.03300 eq. 3; advantages [B, 1]). Returns (loss_t,
+    clipped below, clipped above, KL_k3 or None when beta is 0: no reference is held)."""
+    per_token, low, high = clipped_surrogate(logp, old_logp, advantages, epsilon, epsilon_high, mask)    # [B, T]
+    if beta == 0:
+        return per_token, low, high, None
+    kl = k3_kl(logp, ref_logp, mask)                                                                    # [B, T]
+    return per_token + beta * kl, low, high, kl
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int,
@@ -217,15 +197,7 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, 
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
-def current_temperature(cfg: GRPOConfig, step: int) -> float:
-    if cfg.temperature_start is None:
-        return cfg.temperature
-    return optim.linear_schedule(step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_warmup_steps)
-
-
-# =============================================================================================================
-# Rollouts: groups of G scored completions per prompt
-# =============================================================================================================
+# === The phases of a step: rollout, micro-batches, update, metrics ===
 
 @dataclass
 class Group:
@@ -240,60 +212,121 @@ class Group:
         return max(self.rewards) - min(self.rewards) < 1e-9
 
 
-def roll_out_groups(model, prompts: PromptDataset, indices: list[int], tokenizer, reward, reward_model,
-                    cfg: GRPOConfig, temperature: float, amp) -> tuple[list[Group], int, float]:
-    """G completions of each prompt, scored; returns (groups, completion tokens generated, seconds).
+def roll_out_groups(model, prompts: PromptDataset, sampler, tokenizer, reward, reward_model, cfg: GRPOConfig,
+                    temperature: float, amp, counts: dict) -> list[Group]:
+    """G scored completions of each of the sampler's next step of prompts, one Group per prompt; adds the groups,
+    zero-std groups, tokens and seconds of generation to counts (all rounds of dynamic sampling, for the metrics).
 
     Sampling draws from the global torch generator, whose state every checkpoint saves: a resumed run samples
     what the uninterrupted run would have."""
     G = cfg.num_generations
+    indices = [i for micro in sampler.next_step() for i in micro]
     flat = [i for i in indices for _ in range(G)]                              # each prompt G times, in a row
     started = time.time()
-    completions, finished = [], []
-    for start in range(0, len(flat), cfg.generation_batch_size):
-        chunk = flat[start:start + cfg.generation_batch_size]
-        with amp:
-            out = sequences.rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, temperature,
-                          tokenizer.eos_id, tokenizer.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)
-        completions += out.completions
-        finished += out.finished.tolist()
+    with amp:
+        out = sequences.sample_completions(model, [prompts.ids[i] for i in flat], cfg.max_new_tokens, temperature,
+                                           tokenizer.eos_id, tokenizer.pad_id, cfg.generation_batch_size,
+                                           top_k=cfg.top_k, top_p=cfg.top_p)
     seconds = time.time() - started
-    texts = [tokenizer.decode(c) for c in completions]
-    total, per_function = [0.0] * len(flat), {}
-    if reward is not None:
-        total, per_function = reward([prompts.text(i) for i in flat], texts, prompts.columns(flat))
-    if reward_model is not None:        # scored at the last token of prompt + completion
-        with amp:
-            scores = reward_model_scores(reward_model, [prompts.ids[i] for i in flat], completions, tokenizer.pad_id,
-                                         next(reward_model.parameters()).device, cfg.generation_batch_size)
-        per_function["reward_model"] = scores
-        total = [t + cfg.reward_model_weight * x for t, x in zip(total, scores)]
-    groups = [Group(prompt=i, completions=completions[g * G:(g + 1) * G], finished=finished[g * G:(g + 1) * G],
-                    rewards=total[g * G:(g + 1) * G],
-                    per_function={name: scores[g * G:(g + 1) * G] for name, scores in per_function.items()})
-              for g, i in enumerate(indices)]
-    return groups, sum(len(c) for c in completions), seconds
+    total, per_function = score_completions(reward, reward_model, prompts, flat, out.completions, tokenizer,
+                                            cfg.reward_model_weight, cfg.generation_batch_size, amp)
+    rows = [slice(g * G, (g + 1) * G) for g in range(len(indices))]
+    groups = [Group(prompt=i, completions=out.completions[r], finished=out.finished[r], rewards=total[r],
+                    per_function={name: scores[r] for name, scores in per_function.items()})
+              for i, r in zip(indices, rows)]
+    counts["groups"] += len(groups)
+    counts["zero_std"] += sum(g.zero_std for g in groups)
+    counts["tokens"] += sum(len(c) for c in out.completions)
+    counts["seconds"] += seconds
+    return groups
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when `flag` is true on at least one (so that all ranks take the same branch)."""
-    if not distributed.is_distributed():
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item() > 0)
+def make_micro_batches(batch: list[Group], advantages: torch.Tensor, prompts: PromptDataset, model, reference,
+                       cfg: GRPOConfig, pad_id: int, temperature: float, amp, device) -> list[dict]:
+    """batch_size groups per micro-batch, packed for one forward pass (ids, attention, mask), with their advantages
+    [B, 1] and, without gradient, the log-probs of pi_old (--num_iterations > 1; else pi_old = pi, detached, in the
+    update) and of the reference (beta > 0)."""
+    G, micro_batches = cfg.num_generations, []
+    for m in range(cfg.accumulation_steps):
+        groups = batch[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+        ids, attention, mask, _ = sequences.pack_sequences([prompts.ids[g.prompt] for g in groups for _ in range(G)],
+                                                           [c for g in groups for c in g.completions], pad_id, device)
+        if cfg.mask_truncated_completions:
+            mask = mask_truncated(mask, groups)
+        rows = slice(m * cfg.batch_size * G, (m + 1) * cfg.batch_size * G)
+        micro = {"ids": ids, "attention": attention, "mask": mask, "advantages": advantages[rows, None]}
+        with torch.no_grad(), amp:
+            if cfg.num_iterations > 1:
+                micro["old"] = sequences.gather_logprobs(model, ids, attention, temperature).float()
+            if cfg.beta > 0:
+                micro["ref"] = sequences.reference_logprobs(reference, model, ids, attention, temperature).float()
+        micro_batches.append(micro)
+    return micro_batches
 
 
-# =============================================================================================================
-# Training
-# =============================================================================================================
+def grpo_update(model, micro_batches: list[dict], optimizer, scaler, cfg: GRPOConfig, dist, amp, temperature: float,
+                step: int, max_steps: int) -> tuple[dict, float, torch.Tensor]:
+    """--num_iterations optimizer steps on the rollout batch. Returns the token sums of the metrics (on the device:
+    no host sync per micro-step), the last learning rate and the last gradient norm."""
+    epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    tokens_in_step = sequences.step_token_count([mb["mask"] for mb in micro_batches], dist.device)   # all ranks (dapo)
+    scale = dist.world_size if cfg.loss_type == "dapo" else 1.0 / cfg.accumulation_steps
+    sums = {name: torch.zeros((), dtype=torch.float64, device=dist.device)
+            for name in ("kl", "entropy", "clip_low", "clip_high", "tokens", "loss")}
+    for iteration in range(cfg.num_iterations):
+        for m, mb in enumerate(micro_batches):
+            mask = mb["mask"]
+            with optim.sync_gradients(model, last_micro_step=m == len(micro_batches) - 1):
+                with amp:
+                    logp, entropy = sequences.gather_logprobs(model, mb["ids"], mb["attention"], temperature,
+                                                              with_entropy=True)
+                logp = logp.float()
+                old = mb["old"] if "old" in mb else logp.detach()
+                per_token, low, high, kl = grpo_token_loss(logp, old, mb.get("ref"), mb["advantages"], mask,
+                                                           cfg.epsilon, epsilon_high, cfg.beta)
+                loss = aggregate_loss(per_token, mask, cfg.loss_type, cfg.max_new_tokens, tokens_in_step)
+                scaler.scale(loss * scale).backward()
+            if kl is not None:
+                sums["kl"] += (kl.detach() * mask).sum()
+            for name, value in (("loss", per_token), ("entropy", entropy), ("clip_low", low), ("clip_high", high)):
+                sums[name] += (value.detach().float() * mask).sum()
+            sums["tokens"] += mask.sum()
+        lr = optim.cosine_lr(step * cfg.num_iterations + iteration, max_steps * cfg.num_iterations,
+                             cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+    return sums, lr, grad_norm
+
+
+def step_metrics(batch: list[Group], rewards: torch.Tensor, sums: dict, counts: dict,
+                 temperature: float) -> dict[str, float]:
+    """This rank's metrics of a step (TRL's names; the per-token ones are token means); the caller averages them
+    over ranks. The logged loss is the token mean of the per-token loss, whatever --loss_type aggregates."""
+    sums = {name: value.item() for name, value in sums.items()}
+    tokens = max(sums["tokens"], 1)
+    lengths = [len(c) for g in batch for c in g.completions]
+    group_stds = [torch.tensor(g.rewards).std().item() for g in batch]
+    metrics = {
+        "reward": rewards.mean().item(), "reward_std": sum(group_stds) / len(group_stds), "kl": sums["kl"] / tokens,
+        "entropy": sums["entropy"] / tokens, "clip_ratio/low_mean": sums["clip_low"] / tokens,
+        "clip_ratio/high_mean": sums["clip_high"] / tokens, "completions/mean_length": sum(lengths) / len(lengths),
+        "completions/clipped_ratio": 1 - sum(f for g in batch for f in g.finished) / len(lengths),
+        "frac_reward_zero_std": counts["zero_std"] / counts["groups"],
+        "rollout_tokens_per_sec": counts["tokens"] / max(counts["seconds"], 1e-9),
+        "temperature": temperature, "loss": sums["loss"] / tokens}
+    for name in batch[0].per_function:
+        scores = torch.tensor([s for g in batch for s in g.per_function[name]])
+        metrics[f"rewards/{name}/mean"] = scores.mean().item()
+        metrics[f"rewards/{name}/std"] = scores.std().item() if len(scores) > 1 else 0.0
+    return metrics
+
+
+# === Training ===
 
 def train(cfg: GRPOConfig) -> None:
     dist = distributed.setup_distributed(cfg.device)
     checkpointing.check_out_dir(cfg)
     reward = parse_reward_flags(cfg.reward_funcs, cfg.reward_weights) if cfg.reward_funcs.strip() else None
     G = cfg.num_generations
-    epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
 
     # ---- model, and the reference the KL term pulls toward ----
     distributed.seed_everything(cfg.seed)
@@ -305,12 +338,9 @@ def train(cfg: GRPOConfig) -> None:
               else "a frozen copy"))
 
     # ---- data: prompts with verifiable answers ----
-    data = batches.prepare_phase_data("rlaif", cfg, tokenizer, dist)
-    print0(format_summary(data.summary))
-    prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
-    print0(f"prompts: {prompts.describe()}")
-    sampler = batches.GlobalBatchSampler(len(prompts), cfg.batch_size, cfg.accumulation_steps, dist.world_size, dist.rank,
-                                 cfg.seed)
+    data, prompts = batches.prepare_prompts(cfg, tokenizer, dist)
+    sampler = batches.GlobalBatchSampler(len(prompts), cfg.batch_size, cfg.accumulation_steps, dist.world_size,
+                                         dist.rank, cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
 
     # ---- optimisation ----
@@ -326,7 +356,8 @@ def train(cfg: GRPOConfig) -> None:
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
     train_model = modeling.wrap_model(model, cfg, dist)
     seq_len = cfg.max_prompt_length + cfg.max_new_tokens
-    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len),
+                                 wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {sampler.global_batch} prompts x {G} completions, "
            f"{cfg.num_iterations} update(s) each, loss {cfg.loss_type}, beta {cfg.beta:g}, {dist.world_size} "
@@ -343,109 +374,65 @@ def train(cfg: GRPOConfig) -> None:
                 ranks = distributed.check_replicas(train_model, dist)
                 if ranks > 1:
                     print0(f"replicas: parameters identical on {ranks} ranks")
-                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
-                                         "grpo", metadata={"data": data.summary, "init_from": cfg.init_from},
-                                         final=last_step)
+                checkpointing.save_training_checkpoint(
+                    cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger, "grpo",
+                    metadata={"data": data.summary, "init_from": cfg.init_from}, final=last_step)
         if last_step:
             break
 
-        # ---- 1. rollout: G scored completions per prompt; dynamic sampling refills zero-std groups ----
-        temperature = current_temperature(cfg, step)
-        target = cfg.batch_size * cfg.accumulation_steps            # groups per rank
-        kept, spare, generated, rollout_seconds, zero_std, seen = [], [], 0, 0.0, 0, 0
-        for round_ in range(cfg.max_resample_rounds + 1):
-            indices = [i for micro in sampler.next_step() for i in micro]
-            groups, tokens, seconds = roll_out_groups(train_model, prompts, indices, tokenizer, reward, reward_model,
-                                                      cfg, temperature, amp)
-            generated, rollout_seconds = generated + tokens, rollout_seconds + seconds
-            zero_std, seen = zero_std + sum(g.zero_std for g in groups), seen + len(groups)
-            for g in groups:
-                (spare if cfg.filter_zero_std_groups and g.zero_std else kept).append(g)
-            if not cfg.filter_zero_std_groups or not any_rank(len(kept) < target, dist.device):
-                break
-        batch = (kept + spare)[:target]                            # filled up with zero-std groups if need be
+        # ---- 1. rollout: G scored completions per prompt ----
+        temperature = cfg.temperature if cfg.temperature_start is None else optim.linear_schedule(
+            step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_warmup_steps)
+        counts = {"groups": 0, "zero_std": 0, "tokens": 0, "seconds": 0.0}
+        roll_out = partial(roll_out_groups, train_model, prompts, sampler, tokenizer, reward, reward_model, cfg,
+                           temperature, amp, counts)
+        batch = roll_out()                                                   # batch_size * accumulation_steps groups
+        if cfg.filter_zero_std_groups:                                       # dynamic sampling (extensions below)
+            batch = refill_zero_std_groups(batch, roll_out, cfg, dist.device)
 
         # ---- 2. advantages ----
         rewards = torch.tensor([r for g in batch for r in g.rewards], device=dist.device)           # [target * G]
-        batch_std = batch_reward_std(rewards) if cfg.scale_rewards == "batch" else None
-        advantages = group_advantages(rewards, G, cfg.scale_rewards, batch_std)
+        advantages = group_advantages(rewards, G, cfg.scale_rewards)
 
-        # ---- 3. micro-batches, with the old and reference log-probs (no gradient) ----
-        micro_batches = []
-        for m in range(cfg.accumulation_steps):
-            groups = batch[m * cfg.batch_size:(m + 1) * cfg.batch_size]
-            ids, attention, mask, _ = sequences.pack_sequences([prompts.ids[g.prompt] for g in groups for _ in range(G)],
-                                                     [c for g in groups for c in g.completions], tokenizer.pad_id,
-                                                     dist.device)
-            if cfg.mask_truncated_completions:
-                finished = torch.tensor([f for g in groups for f in g.finished], device=dist.device)
-                mask = mask * finished[:, None]
-            rows = slice(m * cfg.batch_size * G, (m + 1) * cfg.batch_size * G)
-            micro = {"ids": ids, "attention": attention, "mask": mask, "advantages": advantages[rows, None]}
-            with torch.no_grad(), amp:
-                if cfg.num_iterations > 1:
-                    micro["old"] = sequences.gather_logprobs(train_model, ids, attention, temperature).float()
-                if cfg.beta > 0:
-                    micro["ref"] = sequences.reference_logprobs(reference, train_model, ids, attention, temperature).float()
-            micro_batches.append(micro)
-        tokens_in_step = sequences.step_token_count([mb["mask"] for mb in micro_batches], dist.device)     # all ranks (dapo)
-
-        # ---- 4. num_iterations optimizer steps on the batch ----
-        sums = {"kl": 0.0, "entropy": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "loss": 0.0}
-        # (the logged loss is the token mean of the per-token loss, whatever --loss_type aggregates)
-        for iteration in range(cfg.num_iterations):
-            for m, mb in enumerate(micro_batches):
-                with optim.sync_gradients(train_model, last_micro_step=m == len(micro_batches) - 1):
-                    with amp:
-                        logp, entropy = sequences.gather_logprobs(train_model, mb["ids"], mb["attention"], temperature,
-                                                        with_entropy=True)
-                    logp = logp.float()
-                    old = mb["old"] if "old" in mb else logp.detach()
-                    per_token, low, high = clipped_surrogate(logp, old, mb["advantages"], cfg.epsilon, epsilon_high,
-                                                             mb["mask"])
-                    if cfg.beta > 0:
-                        kl = k3_kl(logp, mb["ref"], mb["mask"])
-                        per_token = per_token + cfg.beta * kl
-                        sums["kl"] += float((kl.detach() * mb["mask"]).sum())
-                    loss = aggregate_loss(per_token, mb["mask"], cfg.loss_type, cfg.max_new_tokens, tokens_in_step)
-                    scale = dist.world_size if cfg.loss_type == "dapo" else 1.0 / cfg.accumulation_steps
-                    scaler.scale(loss * scale).backward()
-                sums["loss"] += float((per_token.detach() * mb["mask"]).sum())
-                sums["entropy"] += float((entropy.detach().float() * mb["mask"]).sum())
-                sums["clip_low"] += float((low.float() * mb["mask"]).sum())
-                sums["clip_high"] += float((high.float() * mb["mask"]).sum())
-                sums["tokens"] += float(mb["mask"].sum())
-            lr = optim.cosine_lr(step * cfg.num_iterations + iteration, max_steps * cfg.num_iterations, cfg.warmup_steps,
-                           cfg.learning_rate, cfg.min_lr_ratio)
-            grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        # ---- 3. micro-batches with the old and reference log-probs, then num_iterations optimizer steps ----
+        micro_batches = make_micro_batches(batch, advantages, prompts, train_model, reference, cfg, tokenizer.pad_id,
+                                           temperature, amp, dist.device)
+        sums, lr, grad_norm = grpo_update(train_model, micro_batches, optimizer, scaler, cfg, dist, amp, temperature,
+                                          step, max_steps)
         step += 1
-        train_tokens = sum(int(mb["attention"].sum()) for mb in micro_batches) * cfg.num_iterations
+        train_tokens = int(sum(mb["attention"].sum() for mb in micro_batches)) * cfg.num_iterations
         logger.tick(tokens=train_tokens * dist.world_size, samples=sampler.global_batch * G)
 
         if step % cfg.log_interval == 0 or step == max_steps:
-            lengths = [len(c) for g in batch for c in g.completions]
-            group_stds = [torch.tensor(g.rewards).std().item() for g in batch]
-            metrics = {
-                "reward": rewards.mean().item(), "reward_std": sum(group_stds) / len(group_stds),
-                "kl": sums["kl"] / max(sums["tokens"], 1), "entropy": sums["entropy"] / max(sums["tokens"], 1),
-                "clip_ratio/low_mean": sums["clip_low"] / max(sums["tokens"], 1),
-                "clip_ratio/high_mean": sums["clip_high"] / max(sums["tokens"], 1),
-                "completions/mean_length": sum(lengths) / len(lengths),
-                "completions/clipped_ratio": 1 - sum(f for g in batch for f in g.finished) / len(lengths),
-                "frac_reward_zero_std": zero_std / seen,
-                "rollout_tokens_per_sec": generated / max(rollout_seconds, 1e-9),
-                "temperature": temperature, "loss": sums["loss"] / max(sums["tokens"], 1)}
-            for name in batch[0].per_function:
-                scores = torch.tensor([s for g in batch for s in g.per_function[name]])
-                metrics[f"rewards/{name}/mean"] = scores.mean().item()
-                metrics[f"rewards/{name}/std"] = scores.std().item() if len(scores) > 1 else 0.0
-            metrics = distributed.mean_over_ranks(metrics, dist.device)
+            metrics = distributed.mean_over_ranks(step_metrics(batch, rewards, sums, counts, temperature), dist.device)
             metrics["rollout_tokens_per_sec"] *= dist.world_size      # the ranks generate side by side
             loss_value = metrics.pop("loss")
             logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
                              show=("reward", "reward_std", "kl", "completions/mean_length"), **metrics)
     logger.close()
     print0(f"done: {cfg.out_dir}/final")
+
+
+# === Extensions: DAPO's dynamic sampling (--filter_zero_std_groups) and truncated-completion masking ===
+
+def refill_zero_std_groups(groups: list[Group], roll_out, cfg: GRPOConfig, device) -> list[Group]:
+    """Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476): a group whose G rewards are all equal has
+    advantage 0 on every completion and carries no signal. Such groups are set aside and the sampler's next prompts
+    rolled out (roll_out()) while any rank has fewer than batch_size * accumulation_steps others, at most
+    --max_resample_rounds more rounds; the batch is then filled up with set-aside groups (advantage 0)."""
+    target = cfg.batch_size * cfg.accumulation_steps
+    kept, spare = [g for g in groups if not g.zero_std], [g for g in groups if g.zero_std]
+    for _ in range(cfg.max_resample_rounds):
+        if not distributed.any_rank(len(kept) < target, device):
+            break
+        more = roll_out()
+        kept, spare = kept + [g for g in more if not g.zero_std], spare + [g for g in more if g.zero_std]
+    return (kept + spare)[:target]
+
+
+def mask_truncated(mask: torch.Tensor, groups: list[Group]) -> torch.Tensor:
+    """--mask_truncated_completions (DAPO's overlong filtering): completions cut at --max_new_tokens leave the loss."""
+    return mask * torch.tensor([f for g in groups for f in g.finished], device=mask.device)[:, None]     # [B, T]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,25 +2,7 @@
 
 GRPO needs G completions of a prompt to form a baseline, and a group whose rewards are all equal teaches nothing.
 SPO (Xu & Ding 2025, arXiv 2509.13232) samples ONE completion per prompt and takes its baseline from a tracker that
-remembers, for every prompt, a Beta(alpha, beta) belief over the policy's chance of success on it:
-
-    p_hat      = alpha / (alpha + beta)                        the estimate, taken before this response is counted
-    advantage  = r - p_hat, then normalised over the whole batch (all ranks): (A - mean) / (std + 1e-6)
-    forgetting rho = clip(2^(-D / D_half), rho_min, rho_max)   D: mean |log pi_now - log pi_then| over the tokens of
-                                                               the prompt's last stored response (how far the
-                                                               policy has moved since the tracker last saw it)
-    update     alpha <- rho * alpha + r,  beta <- rho * beta + (1 - r)
-    init       n0 = --init_samples responses per prompt before training, s of them successes:
-               alpha = N (s + 1/2) / (n0 + 1), beta = N (n0 - s + 1/2) / (n0 + 1) (the authors' released code) with
-               N = 1 / (1 - rho_min), the effective count of the tracker at its fastest forgetting
-    sampling   each micro-batch draws its prompts from --candidate_factor times as many candidates with weight
-               sqrt(p_hat (1 - p_hat)) + epsilon: prompts the policy sometimes solves carry the most signal
-
-The policy then follows PPO's clipped objective with these advantages on every completion token, the per-token
-losses summed and divided by the completion tokens of the whole step, all micro-batches and ranks
-(--token_normalization global; micro_batch takes each micro-batch's token mean instead). r is the reward
-made binary by --success_threshold (or clamped to [0, 1] with --binary_reward false); the reward comes from the
-reward functions and/or a reward model (--reward_model).
+remembers, for every prompt, a Beta(alpha, beta) belief over the policy's chance of success on it.
 
 Commands, from the repository root after `pip install -e .` (and an SFT run in out/sft):
 
@@ -28,23 +10,33 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
     python trainer/train_spo.py --init_from out/sft-small/final --device cuda --batch_size 64 --out_dir out/spo
     torchrun --standalone --nproc_per_node 8 trainer/train_spo.py --init_from out/sft-base/final --out_dir out/spo
 
-A bare run does what the config dataclass below shows; `--config recipe.yaml` and flags override it. The tracker (alpha, beta, each prompt's last response and its
-log-probs) is saved with every checkpoint and restored by --resume.
+  arguments  SPOConfig below is what a bare run does; `--config recipe.yaml` and flags override it
+  data       phase rlaif prompts ({"prompt" or "messages", "answer", ...}), longer than --max_prompt_length dropped
+  model      --init_from; the tracker (BetaTracker) first sees n0 = --init_samples responses per prompt, s successes:
+             alpha = N (s + 1/2) / (n0 + 1), beta = N (n0 - s + 1/2) / (n0 + 1), N = 1 / (1 - rho_min) (authors' code)
+  loop       prompts    each micro-batch keeps batch_size of --candidate_factor times as many candidates, drawn with
+                        weight sqrt(p_hat (1 - p_hat)) + epsilon; one completion each, scored by the reward functions
+                        and/or --reward_model, made binary by --success_threshold (--binary_reward false: clamped): r
+             tracker    p_hat = alpha / (alpha + beta) before this response; rho = clip(2^(-D / D_half), rho_min,
+                        rho_max), D = mean |log pi_now - log pi_then| over the prompt's last stored response;
+                        alpha <- rho alpha + r, beta <- rho beta + (1 - r)
+             advantage  r - p_hat, normalised over the whole batch (all ranks): (A - mean) / (std + 1e-6)
+             update     PPO's clipped objective on every completion token, the per-token losses summed and divided by
+                        the completion tokens of the whole step, all ranks (--token_normalization global)
+  save       OUT_DIR/step_XXXXXX/, OUT_DIR/final; the resume state holds the tracker (restored by --resume)
 """
 
-import json
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.prompts import PromptDataset
-from minitrain.model.transformer import unwrap
 from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
-from minitrain.trainer.rewards import RewardError, load_frozen_reward_model, parse_reward_flags, reward_model_scores
+from minitrain.trainer.rewards import (RewardError, check_reward_flags, load_frozen_reward_model, parse_reward_flags,
+                                      score_completions)
 from minitrain.trainer.train_ppo import clipped_surrogate
 
 TOKEN_NORMALIZATIONS = ("global", "micro_batch")
@@ -109,12 +101,8 @@ class SPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.init_from:
-            raise FlagError("init_from", "is required: RL starts from a trained checkpoint "
-                                         "(e.g. --init_from out/sft/final)")
-        for name, low in (("max_prompt_length", 1), ("max_new_tokens", 1), ("generation_batch_size", 1),
-                          ("init_samples", 0), ("candidate_factor", 1), ("num_iterations", 1),
-                          ("temperature_warmup_steps", 0), ("top_k", 0)):
+        sequences.check_rollout_flags(self)
+        for name, low in (("init_samples", 0), ("candidate_factor", 1), ("num_iterations", 1)):
             if getattr(self, name) < low:
                 raise FlagError(name, f"must be at least {low}, got {getattr(self, name)}")
         if not 0 < self.rho_min <= self.rho_max < 1:
@@ -124,22 +112,10 @@ class SPOConfig(TrainConfig):
             raise FlagError("constant_rho", f"must be in (0, 1), got {self.constant_rho}")
         if not self.d_half > 0:
             raise FlagError("d_half", f"must be positive, got {self.d_half}")
-        if not 0 < self.top_p <= 1:
-            raise FlagError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if (self.temperature_start is None) != (self.temperature_end is None):
-            raise FlagError("temperature_start", "and --temperature_end go together")
-        if not self.reward_funcs.strip() and not self.reward_model:
-            raise FlagError("reward_funcs", "is empty and no --reward_model is given: nothing scores the completions")
-        try:
-            if self.reward_funcs.strip():
-                parse_reward_flags(self.reward_funcs, self.reward_weights)
-        except RewardError as e:
-            raise FlagError("reward_funcs", str(e)) from None
+        check_reward_flags(self)
 
 
-# =============================================================================================================
-# The tracker: a Beta belief per prompt (tests/test_spo.py checks each rule)
-# =============================================================================================================
+# === The tracker: a Beta belief per prompt, and the loss (tests/test_spo.py checks each rule) ===
 
 def forgetting_factor(D: float, d_half: float, rho_min: float, rho_max: float) -> float:
     """rho = clip(2^(-D / D_half), rho_min, rho_max): the more the policy moved, the more the past is forgotten."""
@@ -157,19 +133,10 @@ def sampling_weights(p_hat: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 
 def normalise_advantages(raw: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(A - mean) / (std + eps) over the whole batch of every rank, in two passes in float64: the mean (one
-    all-reduce of sum and count), then the mean squared deviation from it (another); one pass of E[A^2] - mean^2
-    cancels catastrophically when the advantages sit far from zero."""
-    a = raw.double()                                                              # [B]
-    stats = torch.stack([a.sum(), torch.tensor(float(a.numel()), dtype=torch.float64, device=a.device)])
-    if distributed.is_distributed():
-        torch.distributed.all_reduce(stats)
-    mean = stats[0] / stats[1]
-    squares = ((a - mean) ** 2).sum()
-    if distributed.is_distributed():
-        torch.distributed.all_reduce(squares)
-    std = torch.sqrt(squares / stats[1])
-    return ((a - mean) / (std + eps)).to(raw.dtype)
+    """(A - mean) / (std + eps) over the whole batch of every rank (std without Bessel's correction; two passes in
+    float64, distributed.mean_var_over_ranks: the advantages must not move when they all shift)."""
+    mean, variance = distributed.mean_var_over_ranks(raw)
+    return ((raw.double() - mean) / (variance.sqrt() + eps)).to(raw.dtype)
 
 
 def policy_loss(per_token: torch.Tensor, mask: torch.Tensor, normalization: str, tokens_in_step: float,
@@ -227,7 +194,6 @@ class BetaTracker:
         self.alpha[index] = rho * self.alpha[index] + r
         self.beta[index] = rho * self.beta[index] + (1 - r)
 
-    # ---- checkpoint ----
     def state_tensors(self) -> dict[str, torch.Tensor]:
         prompts = sorted(self.last)
         tokens = [t for p in prompts for t in self.last[p][0]]
@@ -250,9 +216,7 @@ class BetaTracker:
             offset += n
 
 
-# =============================================================================================================
-# Training
-# =============================================================================================================
+# === The phases of a step: prompts and completions, the tracker's update, the PPO-clip update, metrics ===
 
 def success(reward: float, cfg: SPOConfig) -> float:
     """The bounded reward r the tracker counts."""
@@ -260,39 +224,17 @@ def success(reward: float, cfg: SPOConfig) -> float:
 
 
 def sample_and_score(model, prompts: PromptDataset, indices: list[int], tokenizer, reward, reward_model,
-                     cfg: SPOConfig, temperature: float,
-                     amp) -> tuple[list[list[int]], list[float], list[float], float]:
+                     cfg: SPOConfig, temperature: float, amp) -> tuple[list, list[float], list[float], float]:
     """One completion of each prompt: (completions, rewards, r, seconds)."""
-    started, completions = time.time(), []
-    for start in range(0, len(indices), cfg.generation_batch_size):
-        chunk = indices[start:start + cfg.generation_batch_size]
-        with amp:
-            out = sequences.rollout(model, [prompts.ids[i] for i in chunk], cfg.max_new_tokens, temperature, tokenizer.eos_id,
-                          tokenizer.pad_id, top_k=cfg.top_k, top_p=cfg.top_p)
-        completions += out.completions
-    seconds = time.time() - started
-    total = [0.0] * len(indices)
-    if reward is not None:
-        total, _ = reward([prompts.text(i) for i in indices], [tokenizer.decode(c) for c in completions],
-                          prompts.columns(indices))
-    if reward_model is not None:
-        with amp:
-            scores = reward_model_scores(reward_model, [prompts.ids[i] for i in indices], completions,
-                                         tokenizer.pad_id, next(reward_model.parameters()).device,
-                                         cfg.generation_batch_size)
-        total = [t + cfg.reward_model_weight * x for t, x in zip(total, scores)]
-    return completions, total, [success(x, cfg) for x in total], seconds
-
-
-@torch.no_grad()
-def completion_logprobs(model, prompts: PromptDataset, indices: list[int], completions: list[list[int]],
-                        pad_id: int, temperature: float, amp) -> list[list[float]]:
-    """log pi(token) of each completion token under `model` (no gradient)."""
-    device = next(unwrap(model).parameters()).device
-    ids, attention, mask, _ = sequences.pack_sequences([prompts.ids[i] for i in indices], completions, pad_id, device)
+    started = time.time()
     with amp:
-        logp = sequences.gather_logprobs(unwrap(model), ids, attention, temperature).float()
-    return [logp[b][mask[b].bool()].tolist() for b in range(len(indices))]
+        out = sequences.sample_completions(model, [prompts.ids[i] for i in indices], cfg.max_new_tokens, temperature,
+                                           tokenizer.eos_id, tokenizer.pad_id, cfg.generation_batch_size,
+                                           top_k=cfg.top_k, top_p=cfg.top_p)
+    seconds = time.time() - started
+    total, _ = score_completions(reward, reward_model, prompts, indices, out.completions, tokenizer,
+                                 cfg.reward_model_weight, cfg.generation_batch_size, amp)
+    return out.completions, total, [success(x, cfg) for x in total], seconds
 
 
 def initialise_tracker(tracker: BetaTracker, model, prompts: PromptDataset, tokenizer, reward, reward_model,
@@ -305,23 +247,14 @@ def initialise_tracker(tracker: BetaTracker, model, prompts: PromptDataset, toke
     completions, _, r, _ = sample_and_score(model, prompts, flat, tokenizer, reward, reward_model, cfg,
                                             cfg.temperature, amp)
     n = cfg.init_samples
-    records = []
-    for k, i in enumerate(mine):
-        last = completions[k * n + n - 1]
-        records.append({"i": i, "s": r[k * n:(k + 1) * n], "t": last})
-    logps = completion_logprobs(model, prompts, [rec["i"] for rec in records], [rec["t"] for rec in records],
-                                tokenizer.pad_id, cfg.temperature, amp) if records else []
-    for rec, lp in zip(records, logps):
-        rec["l"] = lp
-    for rec in exchange(records, dist):
+    last = [completions[k * n + n - 1] for k in range(len(mine))]          # each prompt's last response is stored
+    with amp:
+        logps = sequences.completion_logprobs(model, [prompts.ids[i] for i in mine], last, tokenizer.pad_id,
+                                              cfg.temperature)
+    records = [{"i": i, "s": r[k * n:(k + 1) * n], "t": last[k], "l": logps[k]} for k, i in enumerate(mine)]
+    for rec in (rec for part in distributed.all_gather_json(records, dist.device) for rec in part):   # rank order
         tracker.initialise(rec["i"], rec["s"])
         tracker.last[rec["i"]] = (rec["t"], rec["l"])
-
-
-def exchange(records: list[dict], dist) -> list[dict]:
-    """Every rank's records, in rank order (JSON bytes through all_gather_bytes: nothing is pickled)."""
-    data = torch.frombuffer(bytearray(json.dumps(records).encode()), dtype=torch.uint8)
-    return [rec for chunk in distributed.all_gather_bytes(data, dist.device) for rec in json.loads(bytes(chunk.tolist()))]
 
 
 def choose_prompts(tracker: BetaTracker, candidates: list[int], count: int, epsilon: float) -> list[int]:
@@ -333,24 +266,96 @@ def choose_prompts(tracker: BetaTracker, candidates: list[int], count: int, epsi
     return [candidates[k] for k in picks]
 
 
+def update_tracker(tracker: BetaTracker, model, prompts: PromptDataset, indices: list[int],
+                   completions: list[list[int]], r: list[float], old_logps: list[list[float]], pad_id: int,
+                   temperature: float, amp, dist) -> tuple[torch.Tensor, dict[int, float], list[float]]:
+    """The policy change D since each prompt's stored response, then rho and the update of every rank's prompts, in
+    rank order (every rank applies them all). Returns p_hat of this rank's prompts before the update, D and rho."""
+    stored = [i for i in indices if i in tracker.last]
+    with amp:
+        now = sequences.completion_logprobs(model, [prompts.ids[i] for i in stored],
+                                            [tracker.last[i][0] for i in stored], pad_id, temperature)
+    D = {i: policy_change(torch.tensor(lp), torch.tensor(tracker.last[i][1])) for i, lp in zip(stored, now)}
+    p_before = tracker.p_hat(indices).float()                                 # [B]
+    records = [{"i": i, "r": r[k], "D": D.get(i), "t": completions[k], "l": old_logps[k]}
+               for k, i in enumerate(indices)]
+    rhos = []
+    for rec in (rec for part in distributed.all_gather_json(records, dist.device) for rec in part):
+        rho = tracker.rho(rec["D"])
+        tracker.update(rec["i"], rec["r"], rho)
+        tracker.last[rec["i"]] = (rec["t"], rec["l"])
+        rhos.append(rho)
+    return p_before, D, rhos
+
+
+def spo_update(model, prompts: PromptDataset, indices: list[int], completions: list[list[int]],
+               old_logps: list[list[float]], advantages: torch.Tensor, optimizer, scaler, cfg: SPOConfig, pad_id: int,
+               dist, amp, temperature: float, step: int, max_steps: int) -> tuple[dict, float, torch.Tensor, int]:
+    """--num_iterations optimizer steps of PPO-clip, batch_size completions per micro-batch. Returns the token sums
+    of the metrics (on the device: no host sync per micro-step), the last lr and grad norm, this rank's tokens."""
+    epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    micro = [slice(m * cfg.batch_size, (m + 1) * cfg.batch_size) for m in range(cfg.accumulation_steps)]
+    packed = [sequences.pack_sequences([prompts.ids[i] for i in indices[s]], completions[s], pad_id, dist.device)
+              for s in micro]
+    old = [torch.zeros_like(mask) for _, _, mask, _ in packed]   # log pi_old laid out like gather_logprobs' [B, T]
+    for o, (_, _, mask, _), s in zip(old, packed, micro):
+        for b, lp in enumerate(old_logps[s]):
+            o[b][mask[b].bool()] = torch.tensor(lp, device=dist.device)
+    tokens_in_step = sequences.step_token_count([p[2] for p in packed], dist.device)          # all ranks
+    sums = {name: torch.zeros((), dtype=torch.float64, device=dist.device)
+            for name in ("loss", "tokens", "clip_low", "clip_high", "entropy")}
+    for iteration in range(cfg.num_iterations):
+        for m, ((ids, attention, mask, _), s) in enumerate(zip(packed, micro)):
+            with optim.sync_gradients(model, last_micro_step=m == len(micro) - 1):
+                with amp:
+                    logp, entropy = sequences.gather_logprobs(model, ids, attention, temperature, with_entropy=True)
+                per_token, low, high = clipped_surrogate(logp.float(), old[m], advantages[s, None], cfg.epsilon,
+                                                         epsilon_high, mask)
+                loss = policy_loss(per_token, mask, cfg.token_normalization, tokens_in_step,
+                                   cfg.accumulation_steps, dist.world_size)
+                scaler.scale(loss).backward()
+            for name, value in (("loss", per_token), ("clip_low", low), ("clip_high", high), ("entropy", entropy)):
+                sums[name] += (value.detach().float() * mask).sum()
+            sums["tokens"] += mask.sum()
+        lr = optim.cosine_lr(step * cfg.num_iterations + iteration, max_steps * cfg.num_iterations,
+                             cfg.warmup_steps, cfg.learning_rate, cfg.min_lr_ratio)
+        grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+    return sums, lr, grad_norm, int(sum(p[1].sum() for p in packed)) * cfg.num_iterations
+
+
+def step_metrics(tracker: BetaTracker, indices: list[int], completions: list[list[int]], rewards: list[float],
+                 r: list[float], p_before: torch.Tensor, D: dict, rhos: list[float], advantages: torch.Tensor,
+                 sums: dict, rollout_seconds: float) -> dict[str, float]:
+    """This rank's metrics of a step; the caller averages them over ranks."""
+    sums = {name: value.item() for name, value in sums.items()}
+    tokens = max(sums["tokens"], 1)
+    quantiles = torch.quantile(advantages.float().cpu(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+    lengths = [len(c) for c in completions]
+    return {"reward": sum(rewards) / len(rewards), "success": sum(r) / len(r), "spo/rho": sum(rhos) / len(rhos),
+            "spo/D": sum(D.values()) / len(D) if D else 0.0, "spo/p_hat": p_before.mean().item(),
+            "spo/effective_count": (tracker.alpha[indices] + tracker.beta[indices]).mean().item(),
+            "advantage/q10": quantiles[0], "advantage/q50": quantiles[1], "advantage/q90": quantiles[2],
+            "entropy": sums["entropy"] / tokens, "clip_ratio/low_mean": sums["clip_low"] / tokens,
+            "clip_ratio/high_mean": sums["clip_high"] / tokens, "completions/mean_length": sum(lengths) / len(lengths),
+            "rollout_tokens_per_sec": sum(lengths) / max(rollout_seconds, 1e-9), "loss": sums["loss"] / tokens}
+
+
+# === Training ===
+
 def train(cfg: SPOConfig) -> None:
     dist = distributed.setup_distributed(cfg.device)
     checkpointing.check_out_dir(cfg)
     reward = parse_reward_flags(cfg.reward_funcs, cfg.reward_weights) if cfg.reward_funcs.strip() else None
-    epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
 
     # ---- model, prompts, tracker ----
     distributed.seed_everything(cfg.seed)
     model, tokenizer = modeling.build_model(cfg, dist.device)
     reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device) if cfg.reward_model else None
     print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}")
-    data = batches.prepare_phase_data("rlaif", cfg, tokenizer, dist)
-    print0(format_summary(data.summary))
-    prompts = PromptDataset(data.train_file, tokenizer, cfg.max_prompt_length)
-    print0(f"prompts: {prompts.describe()}")
+    data, prompts = batches.prepare_prompts(cfg, tokenizer, dist)
     # each micro-step reads candidate_factor * batch_size candidates and keeps batch_size of them
     sampler = batches.GlobalBatchSampler(len(prompts), cfg.batch_size * cfg.candidate_factor, cfg.accumulation_steps,
-                                 dist.world_size, dist.rank, cfg.seed)
+                                         dist.world_size, dist.rank, cfg.seed)
     max_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     tracker = BetaTracker(len(prompts), cfg.rho_min, cfg.rho_max, cfg.d_half, cfg.constant_rho)
 
@@ -374,7 +379,8 @@ def train(cfg: SPOConfig) -> None:
                f"N = {tracker.effective_count:.1f} ({time.time() - started:.0f}s)")
     train_model = modeling.wrap_model(model, cfg, dist)
     seq_len = cfg.max_prompt_length + cfg.max_new_tokens
-    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len), wandb_run_id)
+    logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len),
+                                 wandb_run_id)
     logger.log_data(data.summary)
     print0(f"training: {max_steps:,} steps of {cfg.batch_size * cfg.accumulation_steps * dist.world_size} prompts "
            f"(one completion each, chosen from {cfg.candidate_factor}x as many), {dist.world_size} rank(s), "
@@ -391,89 +397,38 @@ def train(cfg: SPOConfig) -> None:
                 ranks = distributed.check_replicas(train_model, dist)
                 if ranks > 1:
                     print0(f"replicas: parameters identical on {ranks} ranks")
-                checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger,
-                                         "spo", metadata={"data": data.summary, "init_from": cfg.init_from},
-                                         final=last_step, method_tensors=tracker.state_tensors())
+                checkpointing.save_training_checkpoint(
+                    cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger, "spo", final=last_step,
+                    metadata={"data": data.summary, "init_from": cfg.init_from}, method_tensors=tracker.state_tensors())
         if last_step:
             break
 
         # ---- 1. prompts (prioritised), one completion each, rewards ----
-        temperature = (cfg.temperature if cfg.temperature_start is None else
-                       optim.linear_schedule(step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_warmup_steps))
+        temperature = cfg.temperature if cfg.temperature_start is None else optim.linear_schedule(
+            step, cfg.temperature_start, cfg.temperature_end, cfg.temperature_warmup_steps)
         indices = [i for candidates in sampler.next_step()
                    for i in choose_prompts(tracker, candidates, cfg.batch_size, cfg.sampling_epsilon)]
         completions, rewards, r, rollout_seconds = sample_and_score(train_model, prompts, indices, tokenizer, reward,
                                                                     reward_model, cfg, temperature, amp)
-        old_logps = completion_logprobs(train_model, prompts, indices, completions, tokenizer.pad_id, temperature,
-                                        amp)
+        with amp:                                       # log pi_old of each completion token, kept by the tracker
+            old_logps = sequences.completion_logprobs(train_model, [prompts.ids[i] for i in indices], completions,
+                                                      tokenizer.pad_id, temperature)
 
-        # ---- 2. tracker: policy change D since each prompt's stored response, rho, baseline, update ----
-        stored = [i for i in indices if i in tracker.last]
-        now = completion_logprobs(train_model, prompts, stored, [tracker.last[i][0] for i in stored],
-                                  tokenizer.pad_id, temperature, amp) if stored else []
-        D = {i: policy_change(torch.tensor(lp), torch.tensor(tracker.last[i][1])) for i, lp in zip(stored, now)}
-        p_before = tracker.p_hat(indices).float()
-        raw = torch.tensor(r) - p_before                                      # [B]: r - p_hat (before the update)
-        records = [{"i": i, "r": r[k], "D": D.get(i), "t": completions[k], "l": old_logps[k]}
-                   for k, i in enumerate(indices)]
-        rhos = []
-        for rec in exchange(records, dist):                 # every rank applies every rank's updates, in order
-            rho = tracker.rho(rec["D"])
-            tracker.update(rec["i"], rec["r"], rho)
-            tracker.last[rec["i"]] = (rec["t"], rec["l"])
-            rhos.append(rho)
-        advantages = normalise_advantages(raw.to(dist.device))                # global batch normalisation
+        # ---- 2. tracker: baseline p_hat before the update, then rho and the update; advantages ----
+        p_before, D, rhos = update_tracker(tracker, train_model, prompts, indices, completions, r, old_logps,
+                                           tokenizer.pad_id, temperature, amp, dist)
+        advantages = normalise_advantages((torch.tensor(r) - p_before).to(dist.device))    # [B] r - p_hat, global
 
         # ---- 3. PPO-clip updates ----
-        micro = [slice(m * cfg.batch_size, (m + 1) * cfg.batch_size) for m in range(cfg.accumulation_steps)]
-        packed = [sequences.pack_sequences([prompts.ids[i] for i in indices[s]], completions[s], tokenizer.pad_id,
-                                 dist.device) for s in micro]
-        old = []
-        for (ids, attention, mask, _), s in zip(packed, micro):
-            o = torch.zeros_like(mask)
-            for b, lp in enumerate(old_logps[s]):
-                o[b][mask[b].bool()] = torch.tensor(lp, device=dist.device)
-            old.append(o)
-        tokens_in_step = sequences.step_token_count([p[2] for p in packed], dist.device)          # all ranks
-        sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "entropy": 0.0}
-        for iteration in range(cfg.num_iterations):
-            for m, ((ids, attention, mask, _), s) in enumerate(zip(packed, micro)):
-                with optim.sync_gradients(train_model, last_micro_step=m == len(micro) - 1):
-                    with amp:
-                        logp, entropy = sequences.gather_logprobs(train_model, ids, attention, temperature, with_entropy=True)
-                    per_token, low, high = clipped_surrogate(logp.float(), old[m], advantages[s, None], cfg.epsilon,
-                                                             epsilon_high, mask)
-                    loss = policy_loss(per_token, mask, cfg.token_normalization, tokens_in_step,
-                                       cfg.accumulation_steps, dist.world_size)
-                    scaler.scale(loss).backward()
-                sums["loss"] += float((per_token.detach() * mask).sum())
-                sums["tokens"] += float(mask.sum())
-                sums["clip_low"] += float((low.float() * mask).sum())
-                sums["clip_high"] += float((high.float() * mask).sum())
-                sums["entropy"] += float((entropy.detach().float() * mask).sum())
-            lr = optim.cosine_lr(step * cfg.num_iterations + iteration, max_steps * cfg.num_iterations, cfg.warmup_steps,
-                           cfg.learning_rate, cfg.min_lr_ratio)
-            grad_norm = optim.optimizer_step(optimizer, scaler, lr, cfg.grad_clip)
+        sums, lr, grad_norm, train_tokens = spo_update(train_model, prompts, indices, completions, old_logps,
+                                                       advantages, optimizer, scaler, cfg, tokenizer.pad_id, dist,
+                                                       amp, temperature, step, max_steps)
         step += 1
-        logger.tick(tokens=sum(int(p[1].sum()) for p in packed) * cfg.num_iterations * dist.world_size,
-                    samples=len(indices) * dist.world_size)
+        logger.tick(tokens=train_tokens * dist.world_size, samples=len(indices) * dist.world_size)
 
         if step % cfg.log_interval == 0 or step == max_steps:
-            tokens = max(sums["tokens"], 1)
-            quantiles = torch.quantile(advantages.float().cpu(), torch.tensor([0.1, 0.5, 0.9])).tolist()
-            lengths = [len(c) for c in completions]
-            metrics = {"reward": sum(rewards) / len(rewards), "success": sum(r) / len(r),
-                       "spo/rho": sum(rhos) / len(rhos),
-                       "spo/D": sum(D.values()) / len(D) if D else 0.0,
-                       "spo/p_hat": p_before.mean().item(),
-                       "spo/effective_count": (tracker.alpha[indices] + tracker.beta[indices]).mean().item(),
-                       "advantage/q10": quantiles[0], "advantage/q50": quantiles[1], "advantage/q90": quantiles[2],
-                       "entropy": sums["entropy"] / tokens, "clip_ratio/low_mean": sums["clip_low"] / tokens,
-                       "clip_ratio/high_mean": sums["clip_high"] / tokens,
-                       "completions/mean_length": sum(lengths) / len(lengths),
-                       "rollout_tokens_per_sec": sum(lengths) / max(rollout_seconds, 1e-9),
-                       "loss": sums["loss"] / tokens}
-            metrics = distributed.mean_over_ranks(metrics, dist.device)
+            metrics = distributed.mean_over_ranks(step_metrics(tracker, indices, completions, rewards, r, p_before, D,
+                                                               rhos, advantages, sums, rollout_seconds), dist.device)
             metrics["rollout_tokens_per_sec"] *= dist.world_size
             loss_value = metrics.pop("loss")
             logger.log_train(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), epoch=sampler.epoch_progress,
