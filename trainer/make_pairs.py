@@ -64,7 +64,7 @@ class PairsConfig(RunConfig):
     samples_per_prompt: int = field(default=4, metadata={"help": "k: answers sampled per prompt (at least 2)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest answer"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0: the k answers must "
-                                                            "differ)"})
+                                                              "differ)"})
     top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens only; 0 = all"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1 = off"})
     generation_batch_size: int = field(default=64, metadata={"help": "sequences generated together"})

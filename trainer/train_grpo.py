@@ -47,7 +47,7 @@ from minitrain.trainer import batches, checkpointing, distributed, evaluation, m
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 from minitrain.trainer.rewards import (RewardError, check_reward_flags, load_frozen_reward_model, parse_reward_flags,
-                                      score_completions)
+                                       score_completions)
 from minitrain.trainer.train_ppo import clipped_surrogate
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -99,7 +99,7 @@ class GRPOConfig(TrainConfig):
     epsilon_high: float | None = field(default=0.28, metadata={"help": "upper clip: ratio <= 1 + epsilon_high "
                                                                        "(DAPO's clip-higher); None = epsilon"})
     beta: float = field(default=0.02, metadata={"help": "KL coefficient against the reference; 0 = no reference "
-                                                       "model is held"})
+                                                        "model is held"})
     loss_type: str = field(default="dapo", metadata={"help": "loss aggregation (see aggregate_loss)",
                                                      "choices": list(LOSS_TYPES)})
     num_iterations: int = field(default=1, metadata={"help": "optimizer steps on each rollout batch (mu)"})

@@ -141,16 +141,16 @@ class PPOConfig(TrainConfig):
                 "where vf_coef acts in both): tune --critic_learning_rate and --critic_grad_clip instead"})
     entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus"})
     target_approx_kl: float = field(default=0.05, metadata={"help": "stop the remaining PPO epochs of a step once the "
-                                                                   "approximate KL to the rollout policy exceeds "
-                                                                   "this; 0 = never"})
+                                                                    "approximate KL to the rollout policy exceeds "
+                                                                    "this; 0 = never"})
     # ---- critic ----
     shared_critic: bool = field(default=False, metadata={"help": "value head on the policy's own hidden states "
                                                                  "instead of a separate critic model"})
     critic_from: str = field(default="", metadata={"help": "reward model directory whose trunk starts the critic; "
                                                            "empty = a copy of the policy's trunk"})
     critic_learning_rate: float | None = field(default=2.0e-4, metadata={"help": "peak learning rate of the separate "
-                                                                               "critic; None = --learning_rate (not "
-                                                                               "used with --shared_critic)"})
+                                                                                 "critic; None = --learning_rate (not "
+                                                                                 "used with --shared_critic)"})
     critic_warmup_steps: int = field(default=2, metadata={"help": "first steps in which only the critic learns"})
     critic_grad_clip: float = field(default=10.0, metadata={"help": "gradient-norm clip of the separate critic, on "
                                                                     "its unweighted value loss; 0 = none"})

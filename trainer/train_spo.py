@@ -36,7 +36,7 @@ from minitrain.trainer import batches, checkpointing, distributed, evaluation, m
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 from minitrain.trainer.rewards import (RewardError, check_reward_flags, load_frozen_reward_model, parse_reward_flags,
-                                      score_completions)
+                                       score_completions)
 from minitrain.trainer.train_ppo import clipped_surrogate
 
 TOKEN_NORMALIZATIONS = ("global", "micro_batch")
@@ -87,7 +87,7 @@ class SPOConfig(TrainConfig):
     d_half: float = field(default=0.06, metadata={"help": "policy change D at which rho = 1/2 before clipping"})
     constant_rho: float | None = field(default=None, metadata={"help": "use this fixed rho instead of 2^(-D/D_half)"})
     candidate_factor: int = field(default=4, metadata={"help": "candidates per selected prompt (prioritised "
-                                                                "sampling); 1 = no prioritisation"})
+                                                               "sampling); 1 = no prioritisation"})
     sampling_epsilon: float = field(default=0.05, metadata={"help": "epsilon of the weight sqrt(p(1-p)) + epsilon"})
     # ---- objective ----
     epsilon: float = field(default=0.2, metadata={"help": "lower clip: ratio >= 1 - epsilon"})
