@@ -77,7 +77,7 @@ from minitrain.model.transformer import unwrap
 from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
-from minitrain.trainer.rewards import RewardError, load_frozen_reward_model, parse_reward_flags
+from minitrain.trainer.rewards import RewardError, check_reward_flags, load_frozen_reward_model, parse_reward_flags
 
 
 
@@ -198,13 +198,7 @@ class PPOConfig(TrainConfig):
         if self.shared_critic and self.critic_from:
             raise FlagError("critic_from", "cannot be combined with --shared_critic (the shared critic is the "
                                            "policy's own trunk)")
-        if not self.reward_funcs.strip() and not self.reward_model:
-            raise FlagError("reward_funcs", "is empty and no --reward_model is given: nothing scores the completions")
-        if self.reward_funcs.strip():
-            try:
-                parse_reward_flags(self.reward_funcs, self.reward_weights)
-            except RewardError as e:
-                raise FlagError("reward_funcs", str(e)) from None
+        check_reward_flags(self)
 
 
 # =============================================================================================================
