@@ -46,10 +46,13 @@ def pytest_collection_modifyitems(config, items):
     """Order the test files for pytest-xdist, which hands whole files to the workers in this order (--dist loadfile
     and --no-loadscope-reorder, pyproject.toml): first one file that needs trained_checkpoints, so that one worker
     trains it while the others run the files that do not need it (those with a slow-marked test first); the other
-    files that need it come last, when it is ready, instead of workers waiting on its lock."""
+    files that need it come last, when it is ready, instead of workers waiting on its lock. A test that needs
+    trained_checkpoints is marked slow here even where its file forgot to, so `-m "not slow"` never trains it."""
     files: dict = {}
     for item in items:
         files.setdefault(item.path, []).append(item)
+        if "trained_checkpoints" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)    # the fixture alone takes minutes: never in the fast lane
     needs = [path for path, tests in files.items()
              if any("trained_checkpoints" in getattr(t, "fixturenames", ()) for t in tests)]
 

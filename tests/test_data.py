@@ -1,4 +1,4 @@
-# Run: pytest tests/test_data.py
+# Run: pytest tests/test_data.py   (without the trainer subprocess: -m "not slow")
 # The data layer: JSON/JSONL readers and their file:line:field errors, the row formats of each phase, the mixer
 # (realised weights, upsampling, held-out rows, determinism, bad mixtures, malformed-row fractions), and the token
 # cache (reuse, rebuild, packing).
@@ -323,6 +323,7 @@ def test_token_cache_packs_documents_and_is_reused_until_the_source_changes(tmp_
 
 # ---- end to end: bad data stops a trainer before its first step --------------------------------------------------
 
+@pytest.mark.slow
 def test_bad_data_is_one_line_exit_2_before_any_step(tmp_path):
     bad = write_rows(tmp_path / "bad.jsonl", [{"text": "fine"}, {"text": "also fine"}, {"body": "no text"}])
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_distill.py -q --durations=10
+# Run: pytest tests/test_distill.py   (slow tests train the shared fixture first; the rest: -m "not slow")
 # Distillation (trainer/train_distill.py): forward KL, reverse KL and the generalised JSD equal their formulas on
 # hand-made logits (temperature and the T^2 convention included, the JSD's endpoints as documented); the fused path
 # equals the naive full-logits one, gradients too, at odd shapes and chunk sizes; the chunked argmax
@@ -234,6 +234,7 @@ def records(out, kind: str) -> list[dict]:
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
+@pytest.mark.slow
 def test_fresh_student_distilled_from_the_sft_model_lowers_the_divergence(trained_checkpoints, tmp_path):
     out = tmp_path / "distill"
     r = run_script("train_distill.py", *common(trained_checkpoints, out, "--max_steps", "24", "--eval_interval", "24",
@@ -258,6 +259,7 @@ def losses(train: list[dict]) -> dict[int, tuple]:
     return {t["step"]: tuple(t[k] for k in keys) for t in train}
 
 
+@pytest.mark.slow
 def test_on_policy_batches_run_log_agreement_and_resume_exactly(trained_checkpoints, tmp_path):
     out = tmp_path / "gkd"
     args = common(trained_checkpoints, out, "--init_from", trained_checkpoints["pretrain"], "--lmbda", "1",
@@ -280,6 +282,7 @@ def test_on_policy_batches_run_log_agreement_and_resume_exactly(trained_checkpoi
     assert "resumed from" in r.stdout and losses(records(out, "train")) == losses(full)
 
 
+@pytest.mark.slow
 def test_teacher_generations_are_checked_written_and_trained_on(trained_checkpoints, tmp_path):
     problems = get_task("arithmetic:level=1").make_problems(24, training_seed(0))
     prompts = tmp_path / "prompts.jsonl"

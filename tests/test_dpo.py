@@ -1,4 +1,4 @@
-# Run: pytest tests/test_dpo.py -q --durations=10
+# Run: pytest tests/test_dpo.py   (slow tests train the shared fixture first; the rest: -m "not slow")
 # Preference training (trainer/train_dpo.py) and pair making (trainer/make_pairs.py): each loss equals its formula on
 # hand-made log-probabilities; the β-DPO and risk-aware beta rules and the β-DPO filter equal their written rules on
 # hand-made gaps; the answer mask covers exactly each answer and its <|im_end|>; the concatenated [2B, T] forward
@@ -288,6 +288,7 @@ def common(checkpoints, out, *extra) -> list[str]:
             "--report_to", "none", "--eval_tasks", "", "--log_interval", "1", "--warmup_steps", "2", *extra]
 
 
+@pytest.mark.slow
 def test_dpo_raises_reward_accuracy_and_keeps_task_accuracy(trained_checkpoints, tmp_path):
     """The embedded pairs of one-digit arithmetic ("What is 7 + 4?") and sorting (599 pairs): 120 held out for
     validation, 40 steps of 8 pairs from the session's SFT model, sigmoid loss (DPO) at beta 0.5."""
@@ -330,6 +331,7 @@ def test_dpo_raises_reward_accuracy_and_keeps_task_accuracy(trained_checkpoints,
     assert accuracy["after"] >= accuracy["before"] - TASK_TOLERANCE, accuracy
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_losses_of_one_rank_with_twice_the_accumulation(trained_checkpoints, tmp_path):
     """torchrun --nproc_per_node 2 with a --data_config mixture (embedded pairs + a user file of whole chat
     conversations), losses sigmoid + sft. The 2 ranks precompute the reference log-probs (each half the pairs,
@@ -365,6 +367,7 @@ def test_two_ranks_give_the_losses_of_one_rank_with_twice_the_accumulation(train
     assert len(margins) == 4 * 8                                        # every pair of both ranks, every step
 
 
+@pytest.mark.slow
 def test_make_pairs_output_trains_and_a_resumed_run_repeats_it(trained_checkpoints, tmp_path):
     rlaif = [json.loads(line) for line in open(ensure_embedded_data(str(REPO / "data" / "embedded"))["rlaif"])]
     prompts = tmp_path / "prompts.jsonl"
@@ -423,6 +426,7 @@ def one_line_error(capsys, main, argv) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_with_exit_2_before_training(trained_checkpoints, tmp_path, capsys):
     base = ["--init_from", trained_checkpoints["sft"], "--report_to", "none", "--prepared_dir",
             str(tmp_path / "prepared")]

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_embedded.py
+# Run: pytest tests/test_embedded.py   (all slow: they build the embedded data, which starts a subprocess)
 # The embedded data (dataset/embedded.py): byte-identical on every build, well-formed rows in every file, answers
 # that the task checkers accept, only missing or stale files rebuilt, documentation independent of what the calling
 # process imported, and the CLI's one-line error.
@@ -20,6 +20,7 @@ from minitrain.eval.tasks import Problem, extract_answer, get_task, score_row
 REPO = Path(__file__).resolve().parents[1]
 SMALL = EmbeddedConfig(pretrain_task_docs=20, midtrain_rows=30, midtrain_doc_rows=10, sft_task_rows=40,
                        sft_chat_rows=10, dpo_rows=30, rlaif_rows=30)
+pytestmark = pytest.mark.slow   # every test builds the embedded data, which starts a subprocess
 
 
 def read_rows(path: str) -> list[dict]:

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_evaluate_cli.py
+# Run: pytest tests/test_evaluate_cli.py   (without the script subprocesses and the slower model runs: -m "not slow")
 # Task evaluation end to end: evaluate_tasks with a scripted generator (known right/wrong answers, so accuracy,
 # interval, pass@k and the aggregate have exact expected values); the evaluation prompt is the chat format of the
 # training data; eval/evaluate.py on a tiny random checkpoint writes the JSON with every key and self-consistent
@@ -155,6 +155,7 @@ def test_eval_prompt_is_the_chat_format_of_the_training_data(tokenizer, name):
 # eval/evaluate.py on a real tiny checkpoint
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_consistent_json(tmp_path, tiny_checkpoint):
     out, samples = tmp_path / "result.json", tmp_path / "samples.jsonl"
     r = run_script("eval/evaluate.py", "--model", tiny_checkpoint, "--tasks", "arithmetic,sat", "--num_samples", "6",
@@ -194,6 +195,7 @@ def test_evaluate_cli_writes_consistent_json(tmp_path, tiny_checkpoint):
     assert agg["weights"] == {"arithmetic": 0.25, "sat": 0.75}
 
 
+@pytest.mark.slow
 def test_batched_greedy_answers_equal_one_at_a_time_generation(tiny_checkpoint, tokenizer):
     model, tok = load_model(tiny_checkpoint)
     results = evaluate_tasks(model, tok, ["sort", "countdown"], 3, max_new_tokens=6, batch_size=4,
@@ -206,6 +208,7 @@ def test_batched_greedy_answers_equal_one_at_a_time_generation(tiny_checkpoint, 
             assert row["id"] == problem.id and row["completion"] == tok.decode(alone)
 
 
+@pytest.mark.slow
 def test_evaluate_with_adapter_answers_with_the_adapted_model(tmp_path, tiny_checkpoint, tokenizer):
     from minitrain.model.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
     model, tok = load_model(tiny_checkpoint)
@@ -238,6 +241,7 @@ def test_adapter_without_lora_module_is_a_clear_error(monkeypatch, tmp_path, tin
         evaluate.main(["--model", tiny_checkpoint, "--adapter", str(tmp_path), "--tasks", "sat", "--device", "cpu"])
 
 
+@pytest.mark.slow
 def test_evaluate_bad_input_is_one_line_exit_2(tmp_path, tiny_checkpoint):
     r = run_script("eval/evaluate.py", "--model", str(tmp_path / "missing"), "--tasks", "sat")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -317,6 +321,7 @@ def result_file(path: Path, model: str, accuracies: dict[str, float], temperatur
     return str(path)
 
 
+@pytest.mark.slow
 def test_compare_table_dominance_and_frontier(tmp_path):
     a = result_file(tmp_path / "sft.json", "out/sft", {"arithmetic": 0.60, "sat": 0.30})
     b = result_file(tmp_path / "dpo.json", "out/dpo", {"arithmetic": 0.50, "sat": 0.30})      # dominated by sft
@@ -341,6 +346,7 @@ def test_compare_table_dominance_and_frontier(tmp_path):
     assert named["dominates"] == [["first", "second"]] and named["frontier"] == ["first"]
 
 
+@pytest.mark.slow
 def test_compare_pairs_models_problem_by_problem(tmp_path):
     def with_scores(path, scores: dict[str, dict[str, float]]):
         data = json.loads(Path(path).read_text())
@@ -368,6 +374,7 @@ def test_compare_pairs_models_problem_by_problem(tmp_path):
     assert "sft -> grpo" in r.stdout and "+6/-1 p=0.12" in r.stdout and "+7/-2" in r.stdout, r.stdout
 
 
+@pytest.mark.slow
 def test_compare_bad_input(tmp_path, capsys):
     good = result_file(tmp_path / "good.json", "m", {"sat": 0.5})
     (tmp_path / "broken.json").write_text('{"tasks": {"sat": {"accuracy": 0.5,')

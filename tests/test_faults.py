@@ -1,4 +1,4 @@
-# Run: pytest tests/test_faults.py
+# Run: pytest tests/test_faults.py   (without the training subprocesses: -m "not slow")
 # Faults lose nothing (issue 24): a run whose loss stops being finite ends with one line and keeps its last good
 # checkpoint; a non-finite or corrupt checkpoint is refused on --resume; two runs cannot share an --out_dir (the lock
 # dies with its holder, kill -9 included); an unusable --out_dir is one line before any data is prepared; a broken

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_grpo.py
+# Run: pytest tests/test_grpo.py   (slow tests train the shared fixture first; the rest: -m "not slow")
 # GRPO (trainer/train_grpo.py) and the RL pieces of the runtime: group advantages under each scaling, the clipped
 # surrogate with separate low/high bounds, the k3 KL estimator, each loss aggregation, rollout layout and
 # log-probabilities against full logits; end to end a short run on the embedded prompts, and 2 ranks whose
@@ -160,6 +160,7 @@ def digits_plus_1000(prompts, completions, **rows):
 '''
 
 
+@pytest.mark.slow
 def test_shifting_every_reward_leaves_the_batch_scaled_run_unchanged(trained_checkpoints, tmp_path):
     """The same first step with rewards r and 1000 + r under --scale_rewards batch: the same loss (the one-pass
     float32 std gave -0.336 against -0.094)."""
@@ -176,6 +177,7 @@ def test_shifting_every_reward_leaves_the_batch_scaled_run_unchanged(trained_che
     assert losses[1] == pytest.approx(losses[0], rel=1e-6) and abs(losses[0]) > 0.01
 
 
+@pytest.mark.slow
 def test_grpo_runs_and_logs_trl_metrics(trained_checkpoints, tmp_path):
     r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, tmp_path / "grpo", "--beta", "0.05",
                                                "--loss_type", "grpo"))
@@ -190,6 +192,7 @@ def test_grpo_runs_and_logs_trl_metrics(trained_checkpoints, tmp_path):
     assert 0 < train[0]["completions/mean_length"] <= 24
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_identical_parameters(trained_checkpoints, tmp_path):
     r = run_script("train_grpo.py", *grpo_args(trained_checkpoints, tmp_path / "ddp", "--max_steps", "2",
                                                "--save_interval", "1", "--filter_zero_std_groups",
@@ -222,6 +225,7 @@ DRIFT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_check_replicas_catches_ranks_that_drift_apart(tmp_path):
     script = tmp_path / "drift.py"
     script.write_text(DRIFT)
@@ -247,6 +251,7 @@ COLLECTIVES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_the_collectives_of_grpo_and_spo_over_two_ranks(tmp_path):
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)
@@ -259,6 +264,7 @@ def test_the_collectives_of_grpo_and_spo_over_two_ranks(tmp_path):
         assert result["any"] == [True, False] and result["json"] == [[{"rank": 0}], [{"rank": 1}]]
 
 
+@pytest.mark.slow
 def test_grpo_takes_its_reward_from_a_reward_model(trained_checkpoints, tmp_path):
     from minitrain.model.checkpoint import load_model
     from minitrain.model.heads import RewardModel, save_reward_model

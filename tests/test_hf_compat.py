@@ -1,4 +1,4 @@
-# Run: pytest tests/test_hf_compat.py
+# Run: pytest tests/test_hf_compat.py   (without the model/bench.py run: -m "not slow")
 # Both directions of Hugging Face compatibility on tiny random models that transformers builds (test-only peer):
 # their checkpoints load into our model with the same logits, ours load in transformers with the same logits (tied
 # and untied heads, linear / YaRN / Llama-3 rope scaling, sharded safetensors included), a config.json that leaves
@@ -238,6 +238,7 @@ def test_presets_match_their_family():
     assert load_model_config("0.5b").model_type == "qwen3"
 
 
+@pytest.mark.slow
 def test_model_bench_compares_llama_of_the_same_weights(capsys):
     # model/bench.py: the peer is built from our weights (same logits), and every workload prints one row per model
     from minitrain.model import bench

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_install.py
+# Run: pytest tests/test_install.py   (all slow: Python in subprocesses)
 # minitrain installs beside the Hugging Face stack: the only import name it puts on the path is `minitrain`, and in
 # one process Hugging Face's `kernels` package, transformers, peft and minitrain's kernels all import, a model is
 # trained and its checkpoint and LoRA adapter load in transformers and peft. Each check runs in a fresh interpreter
@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, script_env
 
 FOLDERS = ["model", "kernels", "dataset", "trainer", "eval"]     # the repository's Python folders
+pytestmark = pytest.mark.slow   # every test runs Python in a subprocess
 
 
 def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -49,7 +50,6 @@ def test_minitrain_modules_import_under_their_namespace(tmp_path):
     assert Path(r.stdout.strip()).resolve() == REPO / "__init__.py"
 
 
-@pytest.mark.slow
 def test_train_then_load_in_transformers_and_peft_beside_hf_kernels(tmp_path):
     # Hugging Face's `kernels` is imported first, as transformers and peft import it; then minitrain trains a tiny
     # model and a LoRA adapter in the same process, and transformers and peft load both with our logits.
@@ -86,7 +86,6 @@ def test_train_then_load_in_transformers_and_peft_beside_hf_kernels(tmp_path):
     assert moved > 1e-4          # the adapter was trained, so the agreement above is not base against base
 
 
-@pytest.mark.slow
 def test_a_script_run_by_path_from_another_directory_finds_its_defaults(tmp_path):
     # the recipe, the data mixture and the tokenizer resolve against the repository; the data is built in the cwd
     r = subprocess.run([sys.executable, str(REPO / "trainer" / "train_sft.py"), "--init_from",

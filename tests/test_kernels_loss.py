@@ -1,4 +1,4 @@
-# Run: pytest tests/test_kernels_loss.py
+# Run: pytest tests/test_kernels_loss.py   (without the torch.compile tests: -m "not slow")
 # The chunked PyTorch loss heads (kernels/cross_entropy.py, logprobs.py, kl.py; the CPU default) against the naive
 # references in kernels/reference.py: forward and backward in fp32 at tight tolerances, odd shapes over many chunks,
 # ignored and all-ignored rows, huge and tiny logits, label smoothing, z-loss, softcap, every reduction, temperature,
@@ -357,6 +357,7 @@ def test_bad_arguments_raise_clear_errors(monkeypatch):
         fused_linear_cross_entropy(hidden, weight, labels)
 
 
+@pytest.mark.slow
 def test_torch_compile_equals_eager_with_ignored_tokens():
     hidden, weight, labels = make_inputs(seed=14, n=21, h=8, v=53, ignore_every=3)
 
@@ -369,6 +370,7 @@ def test_torch_compile_equals_eager_with_ignored_tokens():
         assert_close(grad, ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_logprobs_torch_compile_equals_eager_with_ignored_tokens():
     hidden, weight, labels = make_inputs(seed=16, n=21, h=8, v=53, ignore_every=3)
 

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_kernels_triton.py
+# Run: pytest tests/test_kernels_triton.py   (without the torch.compile test: -m "not slow"; on a GPU: -m gpu)
 # The Triton kernels (kernels/*_triton.py) against the naive references. On a CPU machine they run in Triton's
 # interpreter (fp32 only, small shapes): Triton decides interpreted or compiled when it is imported, so this file
 # imports it, and our kernels, with TRITON_INTERPRET=1 and then restores the environment (the fixture below sets the
@@ -293,6 +293,7 @@ def test_gpu_triton_sampler_chi_square_large_vocab():
     assert_follows(counts, probs)
 
 
+@pytest.mark.slow
 def test_triton_path_under_torch_compile_equals_eager():
     # the launches are torch.library custom ops, so the whole loss compiles as one graph (fullgraph=True)
     hidden, weight, labels = make_inputs(seed=10, n=21, h=8, v=53)

@@ -1,4 +1,4 @@
-# Run: pytest -q tests/test_learned_decoding.py
+# Run: pytest tests/test_learned_decoding.py   (slow tests train the shared fixture first; the rest: -m "not slow")
 # Learned decoding (model/decoding_heads.py): T* and the hinge against hand-computed numbers and against the sampler's
 # own min-p / top-p rules, the goldilocks filter's fractions on hand-made batches (including the fill from the other
 # bucket), heads saved and loaded with the model (absent when off; transformers still loads the checkpoint), a short
@@ -273,6 +273,7 @@ def heads_run(trained_checkpoints, tmp_path_factory):
     return out, r
 
 
+@pytest.mark.slow
 def test_short_run_lowers_temperature_on_easy_tokens_and_raises_it_on_hard_ones(heads_run, trained_checkpoints):
     out, r = heads_run
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -300,6 +301,7 @@ def test_short_run_lowers_temperature_on_easy_tokens_and_raises_it_on_hard_ones(
     assert all(torch.equal(v, after_state[k]) for k, v in base.state_dict().items())
 
 
+@pytest.mark.slow
 def test_evaluate_compares_learned_decoding_with_fixed_temperature(heads_run, tmp_path):
     out, _ = heads_run
     common = ["--model", str(out / "final"), "--tasks", "arithmetic", "--num_samples", "16", "--max_new_tokens", "24"]
@@ -317,6 +319,7 @@ def test_evaluate_compares_learned_decoding_with_fixed_temperature(heads_run, tm
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_bad_learned_decoding_flags_are_one_line_errors(trained_checkpoints, tmp_path):
     base = ["--init_from", trained_checkpoints["sft"], "--report_to", "none"]
     cases = [(["--train_temp", "--temp_objective", "likelihood"], "--temp_objective must be analytic_min_p_hinge"),

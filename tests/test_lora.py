@@ -1,4 +1,4 @@
-# Run: pytest tests/test_lora.py
+# Run: pytest tests/test_lora.py   (without the torch.compile test: -m "not slow")
 # LoRA adapters (model/lora.py): the adapter formula, merging, switching adapters off, which layers "all-linear"
 # picks, trainable-parameter counts, training that moves only adapter tensors, torch.compile, and adapter files in
 # PEFT's layout (key names, round trip, bad directories; PEFT itself loads ours and we load PEFT's when installed).
@@ -238,6 +238,7 @@ def test_sgd_steps_on_adapter_parameters_change_only_adapter_tensors():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+@pytest.mark.slow
 def test_compiled_lora_model_matches_eager_and_honours_the_switch():
     model = apply_lora(tiny(num_hidden_layers=1), LoRAConfig(rank=2, alpha=4, targets="all-linear"))
     randomise_adapters(model)

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_model.py
+# Run: pytest tests/test_model.py   (without the eval/chat.py subprocesses: -m "not slow")
 # The transformer's own properties: padding invariance, KV cache equivalence, gradient checkpointing, MoE routing and
 # its auxiliary loss, parameter counts, generation controls, and one-line errors for bad configs.
 import json
@@ -215,6 +215,7 @@ def one_line_error(cli, argv: list[str], capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_cli_bad_model_dirs_exit_2_with_one_line(tmp_path, capsys):
     def chat_error(model):
         return one_line_error(chat.cli, ["--model", str(model), "--prompt", "hi", "--device", "cpu"], capsys)
@@ -379,6 +380,7 @@ def test_damaged_weights_unknown_dtype_and_file_paths_are_config_errors(tmp_path
         load_model(str(tmp_path / "m" / "config.json"))
 
 
+@pytest.mark.slow
 def test_chat_cli_prints_only_the_completion(tmp_path):
     from minitrain.model.checkpoint import load_tokenizer
     tok = load_tokenizer("dataset/tokenizer")

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_perplexity_chat.py
+# Run: pytest tests/test_perplexity_chat.py   (without the eval/perplexity.py subprocess: -m "not slow")
 # eval/perplexity.py and eval/chat.py on tiny random checkpoints, in process (cli(argv) returns the exit status):
 # perplexity equals exp(mean NLL) computed independently with F.cross_entropy on full logits, with and without a
 # LoRA adapter; chat passes its flags to generate, --system and --raw shape the prompt, --raw stops at <|endoftext|>,
@@ -197,6 +197,7 @@ def test_perplexity_bad_input_is_one_line(tiny, texts_jsonl, broken_models, tmp_
         assert message in one_line_error(perplexity.cli, argv, capsys)
 
 
+@pytest.mark.slow
 def test_perplexity_script_reports_bad_flags_on_one_line():
     r = subprocess.run([sys.executable, "eval/perplexity.py", "--model", "m", "--data_path", "d", "--batch_size",
                         "many"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_pipeline.py
+# Run: pytest tests/test_pipeline.py   (all slow: trainer/pipeline.py in subprocesses)
 # trainer/pipeline.py end to end on a shortened config (pretraining and SFT, a few steps each, then evaluation and
 # the comparison), the skipping of finished stages, and its one-line errors.
 import json
@@ -7,9 +7,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from conftest import script_env
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # every test runs trainer/pipeline.py as a subprocess
 
 SHORT = """
 out_dir: unused

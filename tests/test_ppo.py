@@ -1,4 +1,4 @@
-# Run: pytest tests/test_ppo.py
+# Run: pytest tests/test_ppo.py   (slow tests train the shared fixture first; the rest: -m "not slow")
 # PPO with a critic (trainer/train_ppo.py, model/heads.py): GAE against the hand-written recursion (gamma, lambda
 # below 1, a completion that ends early), the per-token KL rewards, clipped policy and value losses, masked whitening,
 # explained variance, approximate KL and the adaptive KL controller against their formulas; end to end a short run
@@ -186,6 +186,7 @@ def ppo_run(trained_checkpoints, reward_model_dir, tmp_path_factory):
     return {"out": out, "args": args}
 
 
+@pytest.mark.slow
 def test_ppo_run_logs_trl_metrics(ppo_run):
     train = records(ppo_run["out"])
     assert [x["step"] for x in train] == [1, 2, 3]
@@ -204,6 +205,7 @@ def test_ppo_run_logs_trl_metrics(ppo_run):
     assert any(k.startswith("method.critic_optimizer.") for k in final)
 
 
+@pytest.mark.slow
 def test_resume_restores_the_critic_and_repeats_the_run(ppo_run, tmp_path):
     out, resumed = ppo_run["out"], tmp_path / "resumed"
     shutil.copytree(out, resumed, symlinks=True)
@@ -223,6 +225,7 @@ def test_resume_restores_the_critic_and_repeats_the_run(ppo_run, tmp_path):
             assert torch.equal(before[key], after[key]), key
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_policy_and_critic_identical(trained_checkpoints, tmp_path):
     r = run_script("train_ppo.py", *ppo_args(trained_checkpoints, tmp_path / "ddp", "--max_steps", "2",
                                              "--target_approx_kl", "1e-9"), ranks=2)
@@ -232,6 +235,7 @@ def test_two_ranks_keep_policy_and_critic_identical(trained_checkpoints, tmp_pat
     assert [x["ppo/epochs"] for x in records(tmp_path / "ddp")] == [1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_shared_critic_under_lora(trained_checkpoints, tmp_path):
     out = tmp_path / "shared"
     r = run_script("train_ppo.py", *ppo_args(trained_checkpoints, out, "--max_steps", "2", "--shared_critic",
@@ -244,6 +248,7 @@ def test_shared_critic_under_lora(trained_checkpoints, tmp_path):
     assert TRL_METRICS <= set(records(out)[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--num_mini_batches", "3"], "--num_mini_batches (3) must divide batch_size * accumulation_steps (4)"),
     (["--reward_funcs="], "--reward_funcs is empty and no --reward_model is given"),

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_pretrain.py
+# Run: pytest tests/test_pretrain.py   (all slow: the scripts as subprocesses, torchrun included)
 # trainer/train_pretrain.py and train_midtrain.py end to end on CPU, as subprocesses (the way users run them):
 # the loss falls on the embedded data; torchrun with 2 ranks (gloo) gives the losses of 1 process with twice the
 # accumulation; kill -9 between checkpoints plus --resume repeats the uninterrupted losses exactly; a resume with
@@ -17,6 +17,7 @@ from minitrain.model.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_RANKS_TOLERANCE = 1e-4   # losses of 2 ranks vs 1 rank with 2x accumulation (only the float summation order differs)
+pytestmark = pytest.mark.slow   # every test runs the scripts as subprocesses
 
 
 def command(script: str, ranks: int) -> list[str]:

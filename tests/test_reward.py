@@ -1,4 +1,4 @@
-# Run: pytest tests/test_reward.py
+# Run: pytest tests/test_reward.py   (slow tests train the shared fixture first; the rest: -m "not slow")
 # Reward model (model/heads.py, trainer/train_reward.py): the Bradley-Terry loss equals its formula, scores are read
 # at the last real token whatever the padding, pairs are laid out as PPO scores them with per-row margins; end to end
 # a short run from the SFT model lowers the loss and lifts validation accuracy above 0.8, and transformers'
@@ -104,6 +104,7 @@ def reward_run(trained_checkpoints, tmp_path_factory):
             "prepared": Path(trained_checkpoints["prepared"])}
 
 
+@pytest.mark.slow
 def test_reward_model_learns_the_preference(reward_run):
     train = [x for x in reward_run["records"] if x["kind"] == "train"]
     evals = [x for x in reward_run["records"] if x["kind"] == "eval"]
@@ -124,6 +125,7 @@ def test_reward_model_learns_the_preference(reward_run):
     assert f"rows with their own: {kept.own_margins}" in reward_run["stdout"]
 
 
+@pytest.mark.slow
 def test_transformers_loads_the_reward_checkpoint_with_equal_scores(reward_run):
     import transformers
     final = str(reward_run["out"] / "final")

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_rl_raises_reward.py
+# Run: pytest tests/test_rl_raises_reward.py   (all slow: trains the shared fixture, then a run per method)
 # GRPO, SPO and PPO really optimise their reward: from the tiny SFT model, a dozen steps on a reward the model can
 # move quickly (the fraction of digits in the completion, a user reward passed as module:function) must raise the
 # mean reward well above where it started. Gain of the mean of the last three steps over the first three on 2 CPU
@@ -36,6 +36,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_short_run_raises_the_reward(method, trained_checkpoints, tmp_path):
     (tmp_path / "toy_reward.py").write_text(TOY_REWARD)

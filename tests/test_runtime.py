@@ -1,4 +1,4 @@
-# Run: pytest tests/test_runtime.py
+# Run: pytest tests/test_runtime.py   (without the subprocesses and the checkpoint round trip: -m "not slow")
 # The shared training runtime (trainer/runtime.py) piece by piece: the learning-rate schedule, AdamW groups, config
 # parsing (dataclass defaults < --config YAML < flags) and its one-line errors, the global batch sampler, MFU
 # arithmetic, metrics.jsonl, and checkpoints: no-pickle resume state round trips, exact resume in-process, atomic
@@ -320,6 +320,7 @@ def fresh_run(cfg, data):
     return model, opt, scaler, sampler
 
 
+@pytest.mark.slow
 def test_checkpoint_and_restore_repeat_the_uninterrupted_losses_exactly(tmp_path):
     cfg = TrainConfig(out_dir=str(tmp_path), batch_size=4, accumulation_steps=2, learning_rate=1e-2, report_to="none",
                       keep_checkpoints=2)
@@ -398,6 +399,7 @@ for step in range(1, 10**6):
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_leaves_latest_complete(tmp_path):
     script = tmp_path / "save_forever.py"
     script.write_text(SAVE_FOREVER)
@@ -441,6 +443,7 @@ with open(f"{sys.argv[1]}/rank{info.rank}.txt", "w") as f:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_cleanup_distributed_stops_gloo_threads_after_ddp(tmp_path):
     """A gloo group still alive when the interpreter shuts down can abort the process after a finished run

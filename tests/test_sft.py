@@ -1,4 +1,4 @@
-# Run: pytest tests/test_sft.py
+# Run: pytest tests/test_sft.py   (without the train_sft.py / train_lora.py subprocesses: -m "not slow")
 # Supervised fine-tuning and LoRA: the loss mask covers exactly the assistant tokens for every chat shape, truncation
 # drops rows left without an assistant token, packing gives the same loss as separate rows, and train_sft.py /
 # train_lora.py run end to end (LoRA checkpoints hold adapter tensors only; --merge equals base plus adapters;
@@ -135,6 +135,7 @@ def losses(out) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if r["kind"] == "train"}
 
 
+@pytest.mark.slow
 def test_sft_script_lowers_the_loss_and_saves_a_full_checkpoint(base_checkpoint, prepared, tmp_path):
     r = run("train_sft.py", *short_run(base_checkpoint, prepared, tmp_path / "sft", "--learning_rate", "3e-3",
                                        "--packing"))
@@ -146,6 +147,7 @@ def test_sft_script_lowers_the_loss_and_saves_a_full_checkpoint(base_checkpoint,
     assert model.config.hidden_size == 64
 
 
+@pytest.mark.slow
 def test_lora_script_saves_adapters_only_merges_and_resumes_exactly(base_checkpoint, prepared, tmp_path):
     args = short_run(base_checkpoint, prepared, tmp_path / "lora", "--learning_rate", "1e-2", "--lora_rank", "4",
                      "--lora_targets", "q_proj,v_proj,down_proj", "--save_interval", "8", "--merge")
@@ -183,6 +185,7 @@ def test_lora_script_saves_adapters_only_merges_and_resumes_exactly(base_checkpo
     assert "resumed from" in r.stdout and losses(out) == full
 
 
+@pytest.mark.slow
 def test_sft_needs_init_from_and_valid_lora_flags(tmp_path):
     r = run("train_sft.py", "--init_from", "", "--out_dir", str(tmp_path / "a"))
     assert r.returncode == 2 and "--init_from is required" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_sft_accuracy.py
+# Run: pytest tests/test_sft_accuracy.py   (slow: SFT and evaluation as subprocesses)
 # SFT raises held-out arithmetic accuracy. The mini model pretrained on the embedded corpus (tests/assets/
 # mini-pretrained, made by the command in tests/make_assets.py: 10 to 17 minutes of pretraining, too long for the
 # suite) is fine-tuned by trainer/train_sft.py on the embedded chat data, as a user runs it, and eval/evaluate.py

@@ -1,4 +1,4 @@
-# Run: pytest tests/test_spo.py
+# Run: pytest tests/test_spo.py   (slow tests train the shared fixture first; the rest: -m "not slow")
 # SPO (trainer/train_spo.py): the tracker's initialisation, forgetting factor and update equal the paper's rules,
 # advantages are r minus the estimate before the update, normalised over the batch, prioritised sampling follows
 # sqrt(p(1-p)) + eps; end to end the tracker is saved with the checkpoint and a resumed run continues exactly.
@@ -127,6 +127,7 @@ def spo_args(checkpoints, prompts, out, *extra):
             "--learning_rate", "1e-3", *extra]
 
 
+@pytest.mark.slow
 def test_tracker_is_saved_and_resume_continues_exactly(trained_checkpoints, tmp_path):
     rows = [json.loads(line) for line in open(ensure_embedded_data(str(REPO / "data" / "embedded"))["rlaif"])]
     rows = [row for row in rows if row["task"].startswith("arithmetic")][:40]

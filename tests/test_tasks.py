@@ -1,4 +1,4 @@
-# Run: pytest tests/test_tasks.py
+# Run: pytest tests/test_tasks.py   (without the scan of the embedded data: -m "not slow")
 # The verifiable tasks (eval/tasks): each checker accepts right answers and rejects near misses and malformed output;
 # the SAT checker evaluates the formula (any satisfying assignment passes); generation is deterministic; and no
 # held-out problem (EVAL_SEED) appears in the embedded training data generated at its default sizes.
@@ -230,6 +230,7 @@ def embedded(tmp_path_factory):
     return ensure_embedded_data(str(tmp_path_factory.mktemp("embedded")))     # default sizes
 
 
+@pytest.mark.slow
 def test_no_held_out_problem_in_the_embedded_training_data(embedded):
     rows = {name: [json.loads(line) for line in open(path)] for name, path in embedded.items()}
     trained = set()

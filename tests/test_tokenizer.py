@@ -1,4 +1,4 @@
-# Run: pytest tests/test_tokenizer.py
+# Run: pytest tests/test_tokenizer.py   (without the train_tokenizer.py subprocess: -m "not slow")
 # The shipped tokenizer (dataset/tokenizer/, made by trainer/train_tokenizer.py): special ids, round trips, digits one
 # token each, the assistant mask of render_chat, the same ids from Hugging Face's apply_chat_template, and the
 # training script itself on a small corpus (including its one-line errors on bad files, bad UTF-8, an --out_dir that
@@ -130,6 +130,7 @@ def test_train_tokenizer_on_a_small_corpus():
         assert tok.decode(tok.encode(text)) == text
 
 
+@pytest.mark.slow
 def test_train_tokenizer_script_writes_files_and_rejects_bad_rows(tmp_path):
     good = tmp_path / "good.jsonl"
     rows = [{"text": "Some text with numbers 123 and words."}] * 30
