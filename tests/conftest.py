@@ -26,6 +26,17 @@ def pytest_configure(config):
                     "package: run the tests with `pytest tests` (not `pytest` from the root)", returncode=4)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml) runs one named file in this process: --dist loadfile hands a whole file to one
+    worker anyway, so the pool would only add its start-up. A directory or several files get the pool; an explicit
+    `-n N` or PYTEST_XDIST_AUTO_NUM_WORKERS decides as usual."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    files = {Path(config.invocation_params.dir, arg.split("::")[0]).resolve() for arg in config.args}
+    return 0 if len(files) == 1 and next(iter(files)).is_file() else None
+
+
 def script_env() -> dict:
     """The environment the tests run training scripts in: one thread per process, wandb off."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
