@@ -1,4 +1,5 @@
-"""Files written whole or not at all, and content hashes: the two file helpers every folder uses."""
+"""Files written whole or not at all, content hashes, and YAML errors told in one line: the file helpers every
+folder uses."""
 
 import hashlib
 import os
@@ -30,3 +31,10 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def yaml_error(e) -> str:
+    """A yaml.YAMLError as `line N: not valid YAML (<problem>)`, for one-line errors that name the file first."""
+    mark = getattr(e, "problem_mark", None)
+    line = f"line {mark.line + 1}: " if mark is not None else ""
+    return f"{line}not valid YAML ({getattr(e, 'problem', None) or e})"

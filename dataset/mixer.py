@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from minitrain.dataset.files import write_atomic
+from minitrain.dataset.files import write_atomic, yaml_error
 from minitrain.dataset.formats import PHASE_FORMATS, PHASES, row_texts
 from minitrain.dataset.jsonl import DataError, check_file, iter_rows
 from minitrain import REPO_ROOT
@@ -126,9 +126,7 @@ def load_mixture(path: str, phase: str, seed: int) -> Mixture:
         data = yaml.safe_load(text)
         node = yaml.compose(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise DataError(f"{path}: {line}not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        raise DataError(f"{path}: {yaml_error(e)}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: must hold a mapping with 'phase' and 'sources'")
     lines = key_lines(node)

@@ -25,6 +25,7 @@ from typing import NoReturn
 import yaml
 
 from minitrain import REPO_ROOT
+from minitrain.dataset.files import yaml_error
 from minitrain.eval.cli import INPUT_ERRORS, OneLineParser, UsageError
 from minitrain.eval.task_eval import parse_task_names
 from minitrain.model.config import ConfigError, ModelConfig
@@ -301,9 +302,7 @@ def read_config_yaml(path: str, fields: dict, model_fields: dict) -> dict[str, t
         data = yaml.safe_load(text) or {}
         lines = yaml_key_lines(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(f"{path}: {line}not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        raise ConfigError(f"{path}: {yaml_error(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping of flag names to values")
     values = {}
