@@ -42,11 +42,13 @@ class WeightsFileError(ConfigError, SafetensorError):
 
 
 def save_checkpoint(model: CausalLM, tokenizer: Tokenizer | None, out_dir: str, extra_json: dict | None = None,
-                    write_extra=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+                    write_extra=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    state: dict[str, torch.Tensor] | None = None) -> str:
     """Write `model` (and `tokenizer`) to `out_dir` atomically; an existing `out_dir` is replaced.
 
     extra_json: saved as minitrain.json. write_extra(tmp_dir): called before the rename, so that files a trainer
-    adds (resume state) become visible together with the weights.
+    adds (resume state) become visible together with the weights. state: the weights to write instead of
+    model.state_dict() (a sharded model's, gathered whole: trainer/sharding.py).
     """
     model = unwrap(model)
     if any(".lora_A." in name for name in model.state_dict()):
@@ -70,7 +72,7 @@ def save_checkpoint(model: CausalLM, tokenizer: Tokenizer | None, out_dir: str, 
         json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                    "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.7, "top_p": 0.9}, f,
                   indent=2)
-    save_weights(model, tmp, max_shard_bytes)
+    save_weights(model, tmp, max_shard_bytes, state)
     if tokenizer is not None:
         tokenizer.save(tmp, model_max_length=config.max_position_embeddings)
     if extra_json is not None:
@@ -104,16 +106,18 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
-    """The weights under Hugging Face names; a tied lm_head is left out (Hugging Face re-ties it on load)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def hf_state_dict(model: CausalLM, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights (model.state_dict(), or `state`) under Hugging Face names; a tied lm_head is left out (Hugging
+    Face re-ties it on load)."""
+    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
 
 
-def save_weights(model: CausalLM, directory: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    state = hf_state_dict(model)
+def save_weights(model: CausalLM, directory: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    state = hf_state_dict(model, state)
     total = sum(t.numel() * t.element_size() for t in state.values())
     metadata = {"format": "pt"}
     if total <= max_shard_bytes:

@@ -264,12 +264,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, tokenizer, out_dir: str, base_model_path: str | None = None,
-                 extra_json: dict | None = None, write_extra=None) -> str:
+                 extra_json: dict | None = None, write_extra=None, state: dict[str, torch.Tensor] | None = None) -> str:
     """Write the adapters alone, atomically, in PEFT's layout (PeftModel.from_pretrained reads it):
         adapter_config.json, adapter_model.safetensors (+ tokenizer.json, tokenizer_config.json when given)
     base_model_path is recorded as base_model_name_or_path. extra_json is saved as minitrain.json, and
-    write_extra(tmp_dir) adds files (a trainer's resume state) before the directory appears. An existing `out_dir`
-    is replaced. Returns the path."""
+    write_extra(tmp_dir) adds files (a trainer's resume state) before the directory appears. state: the adapter
+    tensors to write instead of adapter_state_dict(model) (a sharded model's, gathered whole). An existing
+    `out_dir` is replaced. Returns the path."""
     inner = unwrap(model)
     config = getattr(inner, "lora_config", None)
     if config is None or not lora_layers(inner):
@@ -302,7 +303,8 @@ def save_adapter(model: nn.Module, tokenizer, out_dir: str, base_model_path: str
     os.makedirs(tmp)
     with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
         json.dump(peft_config, f, indent=2)
-    save_file(adapter_state_dict(inner), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(adapter_state_dict(inner) if state is None else state, os.path.join(tmp, ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
     if tokenizer is not None:
         max_len = getattr(getattr(inner, "config", None), "max_position_embeddings", 2048)
         tokenizer.save(tmp, model_max_length=max_len)

@@ -7,7 +7,9 @@ script needs is written once, in the module named for its job:
     configuration   TrainConfig, parse_config (defaults < --config YAML < flags), one-line errors
     distributed     ranks, process group, collectives, seeds, print0
     batches         GlobalBatchSampler (the global data position), load_batch, the phase's prepared data
-    modeling        build_model (preset or checkpoint, LoRA), wrap_model (checkpointing, compile, DDP), references
+    modeling        build_model (preset or checkpoint, LoRA), wrap_model (checkpointing, FSDP2 or DDP, compile),
+                    references
+    sharding        FSDP2 (--fsdp): shard per block, the optimizer on the shards, gathering for saves and generation
     optim           AdamW groups, cosine_lr, autocast, GradScaler, gradient accumulation, optimizer_step
     reporting       RunLogger (console line, progress bar, metrics.jsonl, wandb), FLOPs and MFU
     evaluation      validation loss, --eval_tasks accuracy, sample completions

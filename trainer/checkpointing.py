@@ -18,6 +18,8 @@ bit for bit. With a different number of ranks the data position (a global sample
 continues from the same sample; when batch_size * accumulation_steps * world_size is unchanged each step reads the
 same samples as before and losses agree to float summation order, not bit for bit. Ranks that did not exist before
 get fresh RNG states (seed + rank); ranks beyond the new world size are dropped, which only matters for dropout.
+Under --fsdp the weights and moments are gathered whole on save (trainer/sharding.py), so the files are the ones DDP
+writes and either mode resumes the other's checkpoints.
 """
 
 import copy
@@ -35,15 +37,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from minitrain.dataset.files import write_atomic
 from minitrain.model.checkpoint import load_weights, save_checkpoint
 from minitrain.model.config import ConfigError
-from minitrain.model.lora import has_lora, load_adapter_weights, merge_lora, save_adapter
+from minitrain.model.lora import adapter_state_dict, has_lora, load_adapter_weights, merge_lora, save_adapter
 from minitrain.model.transformer import unwrap
 from minitrain.trainer.batches import GlobalBatchSampler
 from minitrain.trainer.configuration import TrainConfig, TrainingDiverged, config_dict
-from minitrain.trainer.distributed import DistInfo, all_gather_bytes, barrier, print0
+from minitrain.trainer import sharding
+from minitrain.trainer.distributed import DistInfo, all_gather_bytes, any_rank, barrier, print0
 from minitrain.trainer.reporting import RunLogger
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -142,6 +146,7 @@ def read_latest_quietly(out_dir: str) -> str | None:
 
 def nonfinite_tensors(tensors) -> list[str]:
     """Names of the (name, tensor) pairs holding a NaN or an infinity (one device sync for all of them)."""
+    tensors = [(name, t.to_local() if isinstance(t, DTensor) else t) for name, t in tensors]     # a shard: its part
     pairs = [(name, t) for name, t in tensors if t.is_floating_point() and t.numel()]
     if not pairs:
         return []
@@ -150,8 +155,11 @@ def nonfinite_tensors(tensors) -> list[str]:
 
 
 def check_finite_weights(model: nn.Module, when: str, method_tensors: dict | None = None) -> None:
-    """TrainingDiverged when a parameter of the model (or a method tensor, e.g. PPO's critic) is not finite."""
+    """TrainingDiverged when a parameter of the model (or a method tensor, e.g. PPO's critic) is not finite. Under
+    FSDP each rank checks its shards and every rank learns whether any rank found one."""
     bad = nonfinite_tensors(list(unwrap(model).named_parameters()) + list((method_tensors or {}).items()))
+    if sharding.is_sharded(model) and any_rank(bool(bad), next(unwrap(model).parameters()).device) and not bad:
+        bad = ["a shard held by another rank"]
     if bad:
         raise TrainingDiverged(f"{when}: {len(bad)} weight tensors are not finite (NaN or inf), e.g. {bad[0]}")
 
@@ -193,15 +201,19 @@ def gather_rng_states(dist: DistInfo) -> tuple[list[dict], dict[str, torch.Tenso
     return json_parts, gathered
 
 
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, keep: bool = True
+                            ) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Split optimizer.state_dict() into tensors (optimizer.<param index>.<name>, copies on the CPU), param_groups
-    and non-tensor state."""
+    and non-tensor state. The moments of a sharded model are gathered whole (a collective: under FSDP every rank
+    calls it, and only where keep are the tensors kept), so the file is the one DDP writes."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
         for name, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
+                value = sharding.full_tensor(value.detach())
+                if keep:
+                    tensors[f"optimizer.{index}.{name}"] = value.to("cpu", copy=True).contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
     groups = json.loads(json.dumps(state["param_groups"]))   # tuples (betas) become lists
@@ -252,11 +264,24 @@ def save_training_checkpoint(cfg: TrainConfig, dist: DistInfo, step: int, model:
     Weights that are not finite are never written (TrainingDiverged on every rank, `latest` left on the last good
     checkpoint), so rotation never removes the newest finite checkpoint.
     """
+    sharded, merge = sharding.is_sharded(model), final and cfg.merge and has_lora(model)
+    if sharded:       # a method's tensors (PPO's critic, the reward model's score head) are gathered whole too
+        method_tensors = {k: sharding.full_tensor(v) for k, v in (method_tensors or {}).items()}
     check_finite_weights(model, f"step {step}", method_tensors)
     rng_json, rng_tensors = gather_rng_states(dist)
     path = os.path.join(cfg.out_dir, step_dir_name(step))
+    weights = whole = None               # the model's own state dict, except under FSDP: its shards gathered whole
+    if sharded:
+        opt_tensors, groups, scalars = optimizer_state_tensors(optimizer, keep=dist.is_main)
+        if has_lora(model):
+            weights = {k: sharding.full_tensor(v).cpu() for k, v in adapter_state_dict(unwrap(model)).items()}
+        else:
+            weights = sharding.gathered_state(model, keep=dist.is_main)
+        if merge:
+            whole = sharding.gathered_state(model, keep=dist.is_main)
     if dist.is_main:
-        opt_tensors, groups, scalars = optimizer_state_tensors(optimizer)
+        if weights is None:
+            opt_tensors, groups, scalars = optimizer_state_tensors(optimizer)
         state = {"format": 1, "method": method, "step": step, "world_size": dist.world_size,
                  "optimizer_param_groups": groups, "optimizer_scalars": scalars, "scaler": scaler.state_dict(),
                  "rng": rng_json, "data": sampler.state_dict(), "wandb_run_id": logger.wandb_run_id,
@@ -268,9 +293,9 @@ def save_training_checkpoint(cfg: TrainConfig, dist: DistInfo, step: int, model:
         if has_lora(model):      # the adapters alone, in PEFT's layout; the base stays where --init_from points
             base = os.path.abspath(cfg.init_from) if cfg.init_from else None
             save_adapter(unwrap(model), tokenizer, path, base_model_path=base, extra_json=extra,
-                         write_extra=write_extra)
+                         write_extra=write_extra, state=weights)
         else:
-            save_checkpoint(unwrap(model), tokenizer, path, extra_json=extra, write_extra=write_extra)
+            save_checkpoint(unwrap(model), tokenizer, path, extra_json=extra, write_extra=write_extra, state=weights)
         write_atomic(os.path.join(cfg.out_dir, "latest"), step_dir_name(step) + "\n")
         if final:
             link = os.path.join(cfg.out_dir, "final")
@@ -281,8 +306,9 @@ def save_training_checkpoint(cfg: TrainConfig, dist: DistInfo, step: int, model:
             os.replace(tmp_link, link)
         prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
         print0(f"saved {path}")
-        if final and cfg.merge and has_lora(model):
-            save_merged(unwrap(model), tokenizer, os.path.join(cfg.out_dir, "merged"), extra)
+        if merge:
+            save_merged(sharding.unsharded_copy(model, whole) if sharded else unwrap(model), tokenizer,
+                        os.path.join(cfg.out_dir, "merged"), extra)
     barrier()
     return path
 

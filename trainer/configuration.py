@@ -148,6 +148,10 @@ class TrainConfig(RunConfig):
                 "bfloat16, float16", "choices": ["auto", "float32", "bfloat16", "float16"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "shard weights, gradients and optimizer state over the ranks with FSDP2 (torch fully_shard, per "
+                "block) instead of replicating them with DDP, for models whose training state does not fit one "
+                "device; checkpoints are gathered whole, so they are the same Hugging Face directories"})
     seed: int = field(default=42, metadata={"help": "seed of weights, data order and sampling (rank r uses seed + r "
                                                     "for its own randomness)"})
     # ---- logging, eval, checkpoints ----

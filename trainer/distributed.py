@@ -25,6 +25,7 @@ from minitrain.dataset.jsonl import DataError
 from minitrain.model.config import ConfigError
 from minitrain.model.transformer import unwrap
 from minitrain.trainer.configuration import USER_ERRORS
+from minitrain.trainer.sharding import is_sharded
 
 
 @dataclass
@@ -235,7 +236,7 @@ def check_replicas(model: nn.Module, dist: DistInfo) -> int:
     trainers call it at every checkpoint: an update that bypassed DDP (as MiniMind's RL scripts do, calling the
     unwrapped module) makes the ranks drift apart and stops the run here.
     """
-    if not is_distributed():
+    if not is_distributed() or is_sharded(model):        # under FSDP each rank holds other shards: nothing to compare
         return 1
     params = [p.detach().double() for p in unwrap(model).parameters()]
     sums = torch.stack([torch.stack([p.sum(), (p * p).sum()]) for p in params]).flatten().to(dist.device)

@@ -17,6 +17,7 @@ from minitrain.trainer.batches import collate_samples, load_batch
 from minitrain.trainer.checkpointing import check_finite_weights
 from minitrain.trainer.configuration import TrainConfig
 from minitrain.trainer.distributed import DistInfo, barrier, is_distributed, print0
+from minitrain.trainer.sharding import full_weights
 
 
 @torch.no_grad()
@@ -32,12 +33,13 @@ def evaluate_loss(model: nn.Module, dataset, batch_size: int, num_batches: int, 
     raw.eval()
     starts = list(range(0, min(len(dataset), num_batches * batch_size), batch_size))
     totals = torch.zeros(2, device=dist.device)                   # [sum of batch losses, batches]
-    for b in range(dist.rank, len(starts), dist.world_size):
-        indices = list(range(starts[b], min(starts[b] + batch_size, len(dataset))))
-        with amp:
-            out = raw(**load_batch(dataset, indices, dist.device, collate))
-        loss = out.loss if out.aux_loss is None else out.loss - raw.config.router_aux_loss_coef * out.aux_loss
-        totals += torch.stack([loss.float(), torch.ones((), device=dist.device)])
+    with full_weights(raw):                                 # under FSDP: the ranks run different numbers of batches
+        for b in range(dist.rank, len(starts), dist.world_size):
+            indices = list(range(starts[b], min(starts[b] + batch_size, len(dataset))))
+            with amp:
+                out = raw(**load_batch(dataset, indices, dist.device, collate))
+            loss = out.loss if out.aux_loss is None else out.loss - raw.config.router_aux_loss_coef * out.aux_loss
+            totals += torch.stack([loss.float(), torch.ones((), device=dist.device)])
     if is_distributed():
         tdist.all_reduce(totals, op=tdist.ReduceOp.SUM)
     raw.train(was_training)
@@ -64,24 +66,26 @@ def evaluate_tasks_hook(model: nn.Module, tokenizer, cfg: TrainConfig, dist: Dis
         return {}
     names = parse_task_names(cfg.eval_tasks)
     metrics = {}
-    if dist.is_main:
-        raw = unwrap(model)
-        was_training = raw.training
-        raw.eval()
-        with amp:
-            results = evaluate_tasks(raw, tokenizer, names, cfg.eval_task_samples,
-                                     max_new_tokens=cfg.eval_max_new_tokens)
-        raw.train(was_training)
-        metrics = {f"{name}/accuracy": float(results[name]["accuracy"]) for name in names}
-    barrier()
+    with full_weights(model):                               # under FSDP rank 0 needs every shard
+        if dist.is_main:
+            raw = unwrap(model)
+            was_training = raw.training
+            raw.eval()
+            with amp:
+                results = evaluate_tasks(raw, tokenizer, names, cfg.eval_task_samples,
+                                         max_new_tokens=cfg.eval_max_new_tokens)
+            raw.train(was_training)
+            metrics = {f"{name}/accuracy": float(results[name]["accuracy"]) for name in names}
+        barrier()
     return metrics
 
 
 @torch.no_grad()
 def print_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, amp,
-                  chat: bool) -> None:
-    """Complete each prompt (rank 0 only; temperature 0.7, top-k 40) and print it. With chat, each prompt is a user
-    turn in the chat template and the answer stops at <|im_end|>. A generator of its own leaves training's RNG be."""
+                  chat: bool, dist: DistInfo) -> None:
+    """Complete each prompt (temperature 0.7, top-k 40) and print it: every rank calls it, rank 0 generates (under
+    FSDP with every shard gathered). With chat, each prompt is a user turn in the chat template and the answer stops
+    at <|im_end|>. A generator of its own leaves training's RNG be."""
     raw = unwrap(model)
     check_finite_weights(raw, "before printing samples")
     was_training = raw.training
@@ -91,10 +95,12 @@ def print_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_token
         ids = [tokenizer.chat_prompt_ids([{"role": "user", "content": p}]) for p in prompts]
     else:
         ids = [tokenizer.encode(p) for p in prompts]
-    with amp:
-        out = generate(raw, ids, max_new_tokens, temperature=0.7, top_k=40, eos_token_id=[tokenizer.pad_id,
-                       tokenizer.eos_id], pad_token_id=tokenizer.pad_id,
-                       generator=torch.Generator(device).manual_seed(seed))
+    completions = []
+    with amp, full_weights(raw):
+        if dist.is_main:
+            completions = generate(raw, ids, max_new_tokens, temperature=0.7, top_k=40,
+                                   eos_token_id=[tokenizer.pad_id, tokenizer.eos_id], pad_token_id=tokenizer.pad_id,
+                                   generator=torch.Generator(device).manual_seed(seed)).completions
     raw.train(was_training)
-    for prompt, completion in zip(prompts, out.completions):
+    for prompt, completion in zip(prompts, completions):
         print0(f"  sample: {prompt!r} -> {tokenizer.decode(completion)!r}")

@@ -2,9 +2,10 @@
 
     build_model          --init_from DIR (ours or a Hugging Face llama/qwen2/qwen3 directory) or --model_config,
                          the tokenizer, LoRA adapters when --lora_rank > 0
-    wrap_model           gradient checkpointing, torch.compile, then DistributedDataParallel
-    frozen_reference     a frozen copy of the starting policy (DPO, GRPO, PPO), or None under LoRA, where the
-                         base model with its adapters switched off is the reference
+    wrap_model           gradient checkpointing, then FSDP2 (--fsdp: the optimizer is pointed at the shards),
+                         torch.compile, then DistributedDataParallel (without --fsdp, on several ranks)
+    frozen_reference     a frozen copy of the starting policy (DPO, GRPO, PPO; sharded too under --fsdp), or None
+                         under LoRA, where the base model with its adapters switched off is the reference
     check_same_tokenizer a second model (teacher, reward model) reads the policy's token ids only with its vocabulary
 """
 
@@ -22,8 +23,10 @@ from minitrain.model.lora import LoRAConfig, apply_lora, count_trainable, has_lo
 from minitrain.model.tokenizer import Tokenizer, TokenizerError
 from minitrain.model.transformer import CausalLM, unwrap
 from minitrain.trainer.configuration import DEFAULT_TOKENIZER_DIR, TrainConfig
+from minitrain.trainer import sharding
 from minitrain.trainer.distributed import DistInfo, print0
 from minitrain.trainer.evaluation import check_eval_tasks
+from minitrain.trainer.optim import resolve_dtype
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[CausalLM, Tokenizer]:
@@ -55,10 +58,24 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[CausalLM, Token
     return model.to(device), tokenizer
 
 
-def wrap_model(model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.Module:
-    """The module the training loop calls: gradient checkpointing, torch.compile, then DistributedDataParallel."""
+def wrap_model(model: nn.Module, cfg: TrainConfig, dist: DistInfo, *optimizers: torch.optim.Optimizer) -> nn.Module:
+    """The module the training loop calls: gradient checkpointing, FSDP2 or DistributedDataParallel, torch.compile.
+
+    Call it after the optimizers are built and a resumed state restored, on the unwrapped model. Under --fsdp the
+    model is sharded in place (sharding.shard_model) and `optimizers`, built on its unsharded parameters, are pointed
+    at the shards, with any moments they hold cut to this rank's part (sharding.rebind_optimizer).
+    """
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
+    if cfg.fsdp:
+        if unwrap(model).config.num_experts:
+            raise ConfigError("--fsdp: mixture-of-experts models are not sharded yet (an expert that no token of a "
+                              "rank reached would leave the ranks' gradient reductions unmatched); use DDP")
+        names = {id(p): name for name, p in model.named_parameters()}
+        sharding.shard_model(model, resolve_dtype(cfg.dtype, dist.device))
+        for optimizer in optimizers:
+            sharding.rebind_optimizer(optimizer, names, model)
+        return torch.compile(model) if cfg.compile else model
     if cfg.compile:
         model = torch.compile(model)
     if dist.world_size > 1:
@@ -70,13 +87,16 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.Module:
 
 
 
-def frozen_reference(model: nn.Module) -> nn.Module | None:
-    """The reference policy of DPO/RL: a frozen copy of the starting model, or None under LoRA, where the reference
-    is the same model with its adapters switched off (reference_logprobs handles both)."""
+def frozen_reference(model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.Module | None:
+    """The reference policy of DPO/RL: a frozen copy of the starting model (sharded like the policy under --fsdp),
+    or None under LoRA, where the reference is the same model with its adapters switched off (reference_logprobs
+    handles both)."""
     if has_lora(model):
         return None
     reference = copy.deepcopy(unwrap(model)).eval()
     reference.requires_grad_(False)
+    if cfg.fsdp:
+        sharding.shard_model(reference, resolve_dtype(cfg.dtype, dist.device))
     return reference
 
 

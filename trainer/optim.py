@@ -9,13 +9,17 @@ One optimizer step of every trainer:
 """
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+
+from minitrain.model.transformer import unwrap
 
 from minitrain.trainer.configuration import TrainConfig, TrainingDiverged
 from minitrain.trainer.distributed import print0
+from minitrain.trainer.sharding import full_tensor
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -80,13 +84,25 @@ def make_grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.Grad
 
 
 def sync_gradients(model: nn.Module, last_micro_step: bool):
-    """DDP all-reduces gradients in every backward; skip that on all but the last micro-step of a step.
+    """DDP all-reduces gradients in every backward, FSDP reduce-scatters them; skip that on all but the last
+    micro-step of a step (the gradients accumulate unreduced, then the last backward reduces their sum).
 
     Wrap the forward and the backward of a micro-step in it.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel) and not last_micro_step:
         return model.no_sync()
+    if isinstance(unwrap(model), FSDPModule):
+        return fsdp_gradient_sync(unwrap(model), last_micro_step)
     return nullcontext()
+
+
+@contextmanager
+def fsdp_gradient_sync(model, sync: bool):
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, lr: float,
@@ -103,6 +119,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = full_tensor(grad_norm)       # under FSDP the norm of every rank's shards together
     skips = getattr(optimizer, "nonfinite_skips", None)
     if skips is not None and not scaler.is_enabled() and not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)

@@ -39,6 +39,7 @@ from minitrain.model.transformer import unwrap
 from minitrain.trainer import batches
 from minitrain.trainer.configuration import FlagError
 from minitrain.trainer.distributed import all_gather_rows, broadcast_text, is_distributed
+from minitrain.trainer.sharding import full_weights
 
 
 def gather_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -107,16 +108,18 @@ def sample_completions(model: nn.Module, prompts: list[list[int]], max_new_token
                        top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> GenerationOutput:
     """Sample one completion per prompt, batch_size prompts per generate call (None: all at once; KV cache, the
     fused sampler; rows stop at EOS on their own). Returns the completions' token lists and whether each stopped at
-    EOS, in the prompts' order; nothing is laid out for a forward pass (rollout does that)."""
+    EOS, in the prompts' order; nothing is laid out for a forward pass (rollout does that). Under FSDP every rank
+    holds the whole model meanwhile, since the ranks' completions stop at different lengths."""
     raw = unwrap(model)                                  # generate restores its training mode
     completions, finished = [], []
     step = batch_size or max(1, len(prompts))
-    for start in range(0, len(prompts), step):
-        out = generate(raw, prompts[start:start + step], max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                       generator=generator)
-        completions += out.completions
-        finished += out.finished
+    with full_weights(raw):
+        for start in range(0, len(prompts), step):
+            out = generate(raw, prompts[start:start + step], max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                           generator=generator)
+            completions += out.completions
+            finished += out.finished
     return GenerationOutput(completions=completions, finished=finished)
 
 

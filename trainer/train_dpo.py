@@ -70,6 +70,7 @@ from minitrain.model.transformer import unwrap
 from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
+from minitrain.trainer.sharding import full_weights
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft", "rpo")
 BETA_MODES = ("fixed", "beta_dpo", "risk")
@@ -315,16 +316,17 @@ def evaluate_preferences(model, reference: Reference, dataset: PreferenceDataset
             "logps/rejected"]
     totals = torch.zeros(len(keys) + 1, device=dist.device, dtype=torch.float64)      # sums, then the pair count
     starts = list(range(0, min(len(dataset), cfg.eval_batches * cfg.batch_size), cfg.batch_size))
-    for b in range(dist.rank, len(starts), dist.world_size):
-        indices = list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset))))
-        batch = batches.load_batch(dataset, indices, dist.device, collate)
-        with amp:
-            sums, tokens = sequence_logps(raw, batch)
-        logps = split_logps(sums, tokens, reference.logps(raw, batch, amp))
-        loss, _ = pair_losses(names, weights, logps, cfg.beta, cfg.label_smoothing)
-        metrics = {"loss": loss, **pair_metrics(logps, cfg.beta)}
-        totals[:-1] += torch.stack([metrics[k].double().sum() for k in keys])
-        totals[-1] += len(indices)
+    with full_weights(raw), full_weights(reference.model):     # under FSDP: the ranks run different numbers of batches
+        for b in range(dist.rank, len(starts), dist.world_size):
+            indices = list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset))))
+            batch = batches.load_batch(dataset, indices, dist.device, collate)
+            with amp:
+                sums, tokens = sequence_logps(raw, batch)
+            logps = split_logps(sums, tokens, reference.logps(raw, batch, amp))
+            loss, _ = pair_losses(names, weights, logps, cfg.beta, cfg.label_smoothing)
+            metrics = {"loss": loss, **pair_metrics(logps, cfg.beta)}
+            totals[:-1] += torch.stack([metrics[k].double().sum() for k in keys])
+            totals[-1] += len(indices)
     if distributed.is_distributed():
         tdist.all_reduce(totals)
     raw.train(was_training)
@@ -381,7 +383,7 @@ def train(cfg: DPOConfig) -> None:
         reference = Reference("adapters_off")
         print0("reference: the policy with its LoRA adapters off (no copy)")
     else:
-        reference = Reference("copy", modeling.frozen_reference(model))
+        reference = Reference("copy", modeling.frozen_reference(model, cfg, dist))
         print0("reference: a frozen copy of the starting policy")
 
     # ---- optimisation ----
@@ -400,7 +402,7 @@ def train(cfg: DPOConfig) -> None:
             print0(f"beta tracker restored: {tracker.state_dict()}")
         if dist.is_main:
             checkpointing.truncate_metrics(margins_path, resume.step)
-    train_model = modeling.wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist, optimizer)
     logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
                                  wandb_run_id)
     logger.log_data(data.summary)

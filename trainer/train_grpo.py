@@ -331,7 +331,7 @@ def train(cfg: GRPOConfig) -> None:
     # ---- model, and the reference the KL term pulls toward ----
     distributed.seed_everything(cfg.seed)
     model, tokenizer = modeling.build_model(cfg, dist.device)
-    reference = modeling.frozen_reference(model) if cfg.beta > 0 else None
+    reference = modeling.frozen_reference(model, cfg, dist) if cfg.beta > 0 else None
     reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device) if cfg.reward_model else None
     print0(f"model: {model.num_parameters():,} parameters, from {cfg.init_from}; reference: "
            + ("none (beta 0)" if cfg.beta == 0 else "the base with LoRA adapters off" if reference is None
@@ -354,7 +354,7 @@ def train(cfg: GRPOConfig) -> None:
         resume = checkpointing.load_resume_state(cfg.out_dir)
         checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = modeling.wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist, optimizer)
     seq_len = cfg.max_prompt_length + cfg.max_new_tokens
     logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len),
                                  wandb_run_id)

@@ -117,7 +117,7 @@ def train(cfg: LoRASFTConfig) -> None:
         resume = checkpointing.load_resume_state(cfg.out_dir)
         checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = modeling.wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist, optimizer)
     logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
                                  wandb_run_id)
     logger.log_data(data.summary)
@@ -138,9 +138,9 @@ def train(cfg: LoRASFTConfig) -> None:
                                                      collate)}
                 metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
-                if dist.is_main and prompts:
+                if prompts:
                     evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp,
-                                             chat=True)
+                                             chat=True, dist=dist)
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
                 checkpointing.save_training_checkpoint(cfg, dist, step, train_model, tokenizer, optimizer, scaler,
                                                        sampler, logger, "lora",

@@ -106,7 +106,7 @@ def train(cfg: MidtrainConfig) -> None:
         resume = checkpointing.load_resume_state(cfg.out_dir)
         checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = modeling.wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist, optimizer)
     logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
                                  wandb_run_id)
     logger.log_data(data.summary)

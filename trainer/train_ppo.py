@@ -195,6 +195,9 @@ class PPOConfig(TrainConfig):
             raise FlagError("vf_coef", "weighs the value loss with --shared_critic only: a separate critic has its own "
                                        "AdamW, which is invariant to the loss's scale (tune --critic_learning_rate "
                                        "and --critic_grad_clip)")
+        if self.shared_critic and self.fsdp:
+            raise FlagError("shared_critic", "cannot be combined with --fsdp yet (the value head would need a shard "
+                                             "plan of its own); the separate critic is sharded like the policy")
         if self.shared_critic and self.critic_from:
             raise FlagError("critic_from", "cannot be combined with --shared_critic (the shared critic is the "
                                            "policy's own trunk)")
@@ -603,7 +606,7 @@ def train(cfg: PPOConfig) -> None:
     # ---- policy, reference, reward model, critic ----
     distributed.seed_everything(cfg.seed)
     model, tokenizer = modeling.build_model(cfg, dist.device)
-    reference = modeling.frozen_reference(model)
+    reference = modeling.frozen_reference(model, cfg, dist)
     reward_model = None
     if cfg.reward_model:
         reward_model = load_frozen_reward_model(cfg.reward_model, tokenizer, dist.device)
@@ -647,9 +650,9 @@ def train(cfg: PPOConfig) -> None:
         checkpointing.restore_training_state(resume, cfg, model, optimizer, scaler, sampler, dist)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
         kl_coef = restore_critic(resume, cfg, value_head or critic, critic_optimizer, critic_scaler)
-    train_model = modeling.wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist, optimizer)
     if critic is not None:
-        train_critic = modeling.wrap_model(critic, cfg, dist)
+        train_critic = modeling.wrap_model(critic, cfg, dist, critic_optimizer)
     else:        # the shared value head gets a DDP wrapper of its own (its gradients do not pass the policy's)
         train_critic = (nn.parallel.DistributedDataParallel(value_head, device_ids=[dist.device.index]
                                                             if dist.device.type == "cuda" else None)

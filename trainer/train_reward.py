@@ -56,7 +56,7 @@ from minitrain.dataset.preference import tokenize_pair
 from minitrain.model.heads import RewardModel
 from minitrain.model.lora import has_lora
 from minitrain.model.transformer import unwrap
-from minitrain.trainer import batches, checkpointing, distributed, modeling, optim, reporting
+from minitrain.trainer import batches, checkpointing, distributed, modeling, optim, reporting, sharding
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
@@ -192,11 +192,13 @@ def evaluate_pairs(model, pairs: PairDataset, batch_size: int, num_batches: int,
     n = min(len(pairs), num_batches * batch_size)
     totals = torch.zeros(4, device=dist.device, dtype=torch.float64)              # loss, correct, margin, pairs
     starts = list(range(0, n, batch_size))
-    for b in range(dist.rank, len(starts), dist.world_size):
-        batch = pairs.pairs[starts[b]:min(starts[b] + batch_size, n)]
-        chosen, rejected, margins = pair_scores(raw, batch, pad_id, dist.device, amp)
-        totals += torch.stack([bradley_terry_loss(chosen, rejected, margins).sum(), (chosen > rejected).sum(),
-                               (chosen - rejected).sum(), torch.tensor(float(len(batch)), device=dist.device)]).double()
+    with sharding.full_weights(raw):              # under FSDP: the ranks run different numbers of batches
+        for b in range(dist.rank, len(starts), dist.world_size):
+            batch = pairs.pairs[starts[b]:min(starts[b] + batch_size, n)]
+            chosen, rejected, margins = pair_scores(raw, batch, pad_id, dist.device, amp)
+            totals += torch.stack([bradley_terry_loss(chosen, rejected, margins).sum(), (chosen > rejected).sum(),
+                                   (chosen - rejected).sum(),
+                                   torch.tensor(float(len(batch)), device=dist.device)]).double()
     if distributed.is_distributed():
         torch.distributed.all_reduce(totals)
     raw.train(was_training)
@@ -247,7 +249,7 @@ def train(cfg: RewardConfig) -> None:
             with torch.no_grad():
                 model.score.weight.copy_(resume.method_tensors["score.weight"])
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = modeling.wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist, optimizer)
     logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
                                  wandb_run_id)
     logger.log_data(data.summary)

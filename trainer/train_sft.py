@@ -110,6 +110,9 @@ class SFTConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.fsdp and self.trains_heads:
+            raise FlagError("fsdp", "does not shard learned-decoding heads yet (--train_temp / --train_top_p): they read "
+                                    "the output head outside the model's forward; train them without --fsdp")
         if not self.init_from:
             raise FlagError("init_from", "is required: fine-tuning starts from a pretrained checkpoint "
                                          "(e.g. --init_from out/pretrain/final)")
@@ -158,7 +161,7 @@ def train(cfg: SFTConfig) -> None:
         if heads is not None:
             heads.restore(resume)
         start_step, wandb_run_id = resume.step, resume.state["wandb_run_id"]
-    train_model = modeling.wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist, optimizer)
     logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, cfg.max_seq_len),
                                  wandb_run_id)
     logger.log_data(data.summary)
@@ -181,9 +184,9 @@ def train(cfg: SFTConfig) -> None:
                     metrics.update(heads.evaluate(train_model, val_set, cfg, dist.device, amp, collate))
                 metrics.update(evaluation.evaluate_tasks_hook(train_model, tokenizer, cfg, dist, amp))
                 logger.log_eval(step, metrics)
-                if dist.is_main and prompts:
+                if prompts:
                     evaluation.print_samples(train_model, tokenizer, prompts, cfg.sample_tokens, cfg.seed, amp,
-                                             chat=True)
+                                             chat=True, dist=dist)
             if not just_resumed and (last_step or (cfg.save_interval and step > 0 and step % cfg.save_interval == 0)):
                 path = checkpointing.save_training_checkpoint(
                     cfg, dist, step, train_model, tokenizer, optimizer, scaler, sampler, logger, "sft",

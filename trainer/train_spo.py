@@ -377,7 +377,7 @@ def train(cfg: SPOConfig) -> None:
         initialise_tracker(tracker, model, prompts, tokenizer, reward, reward_model, cfg, dist, amp)
         print0(f"tracker: {cfg.init_samples} samples per prompt, mean p_hat {tracker.p_hat(slice(None)).mean():.3f}, "
                f"N = {tracker.effective_count:.1f} ({time.time() - started:.0f}s)")
-    train_model = modeling.wrap_model(model, cfg, dist)
+    train_model = modeling.wrap_model(model, cfg, dist, optimizer)
     seq_len = cfg.max_prompt_length + cfg.max_new_tokens
     logger = reporting.RunLogger(cfg, dist, max_steps, start_step, reporting.flops_per_token(model, seq_len),
                                  wandb_run_id)
