@@ -1,8 +1,8 @@
 # Run: pytest tests/test_fsdp.py   (slow except the last three: torchrun with 2 gloo ranks, as subprocesses)
 # FSDP2 (--fsdp, trainer/sharding.py) against DDP on 2 CPU ranks: the same losses and the same checkpoint (the
 # weights and optimizer moments gathered whole, in DDP's layout), which transformers loads; a resume that repeats
-# the uninterrupted run; DPO with its frozen reference sharded too; the combinations it refuses; the memory table's
-# formula.
+# the uninterrupted run; DPO with its frozen reference sharded too; on-policy distillation (rollouts and the head
+# read outside the forward); the combinations it refuses; the memory table's formula.
 import json
 import shutil
 from pathlib import Path
@@ -18,8 +18,8 @@ from minitrain.model.transformer import CausalLM
 from minitrain.trainer import modeling, sharding
 from minitrain.trainer.configuration import FlagError, TrainConfig
 from minitrain.trainer.distributed import DistInfo
-from minitrain.trainer.train_distill import DistillConfig
 from minitrain.trainer.train_ppo import PPOConfig
+from minitrain.trainer.train_sft import SFTConfig
 
 TOLERANCE = 1e-4     # FSDP vs DDP: the same sums in another order (reduce-scatter of shards vs all-reduce)
 
@@ -136,10 +136,33 @@ def test_fsdp_dpo_with_a_sharded_reference_equals_ddp(runs):
                 assert fsdp[step][key] == pytest.approx(ddp[step][key], abs=TOLERANCE), (kind, step, key)
 
 
+@pytest.mark.slow
+def test_fsdp_on_policy_distillation_equals_ddp(runs):
+    """A fresh student distilled from the pretrained model, half the micro-batches its own samples (generated with
+    the model gathered): the DDP losses, divergence and agreement (the head gathered after the backward)."""
+    args = ["--teacher", str(runs["fsdp"] / "final"), "--model_config", "tiny",
+            "--prepared_dir", str(runs["root"] / "distill-data"), "--max_seq_len", "64",
+            "--batch_size", "2", "--accumulation_steps", "2", "--max_steps", "3", "--lmbda", "0.5",
+            "--max_new_tokens", "6", "--log_interval", "1", "--eval_interval", "3", "--eval_batches", "3",
+            "--eval_tasks", "", "--sample_prompts", "", "--save_interval", "0", "--report_to", "none"]
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        out[mode] = runs["root"] / f"distill-{mode}"
+        extra = ["--fsdp", "--use_prepared"] if mode == "fsdp" else []       # the DDP run prepares the chat data
+        r = run_script("train_distill.py", *args, "--out_dir", str(out[mode]), *extra, ranks=2)
+        assert r.returncode == 0, r.stderr
+    for kind, keys in (("train", ("loss", "loss/distill", "distill/agreement")), ("eval", ("distill", "agreement"))):
+        ddp, fsdp = records(out["ddp"], kind), records(out["fsdp"], kind)
+        assert sorted(ddp) == sorted(fsdp) and ddp
+        for step in ddp:
+            for key in keys:
+                assert fsdp[step][key] == pytest.approx(ddp[step][key], abs=TOLERANCE), (kind, step, key)
+
+
 def test_fsdp_refuses_what_it_does_not_shard_yet():
-    """Each refusal names its flag before anything runs: distillation, PPO's shared critic, MoE."""
+    """Each refusal names its flag before anything runs: PPO's shared critic, learned-decoding heads, MoE."""
     with pytest.raises(FlagError, match="fsdp"):
-        DistillConfig(fsdp=True).validate()
+        SFTConfig(fsdp=True, train_temp=True).validate()
     with pytest.raises(FlagError, match="shared_critic"):
         PPOConfig(fsdp=True, shared_critic=True).validate()
     moe = CausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

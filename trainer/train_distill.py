@@ -95,7 +95,7 @@ from minitrain.model.checkpoint import check_model_dir, load_model
 from minitrain.model.config import ConfigError, load_model_config
 from minitrain.model.transformer import unwrap
 from minitrain.trainer import (batches, checkpointing, configuration, distributed, evaluation, generations, modeling,
-                               optim, reporting, sequences)
+                               optim, reporting, sequences, sharding)
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 
@@ -171,9 +171,6 @@ class DistillConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.fsdp:
-            raise FlagError("fsdp", "is not supported by distillation yet: its divergence reads the student's output "
-                                    "head outside the forward, which FSDP has resharded by then; use DDP")
         if not self.teacher:
             raise FlagError("teacher", "is required: the frozen checkpoint to distill from (e.g. --teacher "
                                        "out/pipeline/sft/final, made by `python trainer/pipeline.py --stages "
@@ -382,19 +379,20 @@ def evaluate_distill(student, teacher, dataset, cfg: DistillConfig, dist, amp, c
     raw.eval()
     starts = list(range(0, min(len(dataset), cfg.eval_batches * cfg.batch_size), cfg.batch_size))
     totals = torch.zeros(4, device=dist.device, dtype=torch.float64)   # [sum of D_T, batches, agreeing, targets]
-    for b in range(dist.rank, len(starts), dist.world_size):
-        batch = batches.load_batch(dataset, list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset)))),
-                                   dist.device, collate)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1)                      # [B*(T-1)]
-        with amp:
-            student_hidden = predicting(raw(**inputs, compute_logits=False).hidden_states)
-            teacher_hidden = teacher_states(teacher, inputs)
-            div = divergence(student_hidden, raw.lm_head.weight, teacher_hidden, teacher.lm_head.weight, mask,
-                             cfg.distill_loss, cfg.jsd_beta, cfg.distill_temperature)
-            agree, targets = token_agreement(student_hidden, raw.lm_head.weight, teacher_hidden,
-                                             teacher.lm_head.weight, mask)
-        totals += torch.tensor([div.item(), 1.0, agree, targets], device=dist.device, dtype=torch.float64)
+    with sharding.full_weights(raw):                    # under FSDP: the ranks run different numbers of batches
+        for b in range(dist.rank, len(starts), dist.world_size):
+            indices = list(range(starts[b], min(starts[b] + cfg.batch_size, len(dataset))))
+            batch = batches.load_batch(dataset, indices, dist.device, collate)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            mask = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1)                      # [B*(T-1)]
+            with amp:
+                student_hidden = predicting(raw(**inputs, compute_logits=False).hidden_states)
+                teacher_hidden = teacher_states(teacher, inputs)
+                div = divergence(student_hidden, raw.lm_head.weight, teacher_hidden, teacher.lm_head.weight, mask,
+                                 cfg.distill_loss, cfg.jsd_beta, cfg.distill_temperature)
+                agree, targets = token_agreement(student_hidden, raw.lm_head.weight, teacher_hidden,
+                                                 teacher.lm_head.weight, mask)
+            totals += torch.tensor([div.item(), 1.0, agree, targets], device=dist.device, dtype=torch.float64)
     if distributed.is_distributed():
         torch.distributed.all_reduce(totals)
     raw.train(was_training)
@@ -465,7 +463,7 @@ def train(cfg: DistillConfig) -> None:
            f"({sampler.steps_per_epoch:,} steps/epoch), {dist.world_size} rank(s), "
            f"{str(dtype).replace('torch.', '')} on {dist.device}")
     prompts = [p for p in cfg.sample_prompts.split("|") if p]
-    accum, student_head, teacher_head = cfg.accumulation_steps, model.lm_head.weight, teacher.lm_head.weight
+    accum, teacher_head = cfg.accumulation_steps, teacher.lm_head.weight
     on_policy = on_policy_sampler(train_model, train_set, tokenizer, cfg, amp) if cfg.lmbda > 0 else None
 
     # ---- loop: evaluate, save, stop or take one step ----
@@ -502,6 +500,9 @@ def train(cfg: DistillConfig) -> None:
         counts = torch.stack([torch.stack([m.ce_mask.sum(), m.div_mask.sum()]) for m in micros]).tolist()  # one sync
         sums = torch.zeros(3, dtype=torch.float64, device=dist.device)     # the step's loss, CE and D_T, summed
         agreement = [0, 0]                                                  # agreeing target tokens, target tokens
+        # the student's head for the agreement, read after a backward, when FSDP has cut it into shards again:
+        # gathered whole at log steps (under DDP it is the weight itself)
+        student_head = sharding.full_tensor(model.lm_head.weight.detach()) if log_step else None
         for micro, (m, (ce_tokens, div_tokens)) in enumerate(zip(micros, counts)):
             w_ce, w_div = token_weights(ce_tokens, div_tokens, cfg.token_normalization, ce_total, div_total, accum,
                                         dist.world_size)
