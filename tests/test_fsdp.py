@@ -1,8 +1,8 @@
 # Run: pytest tests/test_fsdp.py   (slow except the last three: torchrun with 2 gloo ranks, as subprocesses)
 # FSDP2 (--fsdp, trainer/sharding.py) against DDP on 2 CPU ranks: the same losses and the same checkpoint (the
 # weights and optimizer moments gathered whole, in DDP's layout), which transformers loads; a resume that repeats
-# the uninterrupted run; DPO with its frozen reference sharded too; on-policy distillation (rollouts and the head
-# read outside the forward); the combinations it refuses; the memory table's formula.
+# the uninterrupted run; bf16 mixed precision; DPO with its frozen reference sharded too; on-policy distillation
+# (rollouts and the head read outside the forward); the combinations it refuses; the memory table's formula.
 import json
 import shutil
 from pathlib import Path
@@ -59,6 +59,28 @@ def test_fsdp_losses_equal_ddp_losses(runs):
         for step in steps:
             assert fsdp[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=TOLERANCE), (kind, step)
     assert records(runs["fsdp"], "train")[6]["loss"] < records(runs["fsdp"], "train")[1]["loss"] - 0.5
+
+
+@pytest.mark.slow
+def test_fsdp_mixed_precision_follows_ddp_autocast(runs):
+    """Under --dtype bfloat16 FSDP gathers the weights in bf16 and reduces gradients in fp32 (MixedPrecisionPolicy),
+    DDP casts them under autocast: the same losses to bf16's precision, and the checkpoint holds the fp32 master
+    weights."""
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        out[mode] = runs["root"] / f"bf16-{mode}"
+        extra = ["--fsdp"] if mode == "fsdp" else []
+        r = run_script("train_pretrain.py", "--prepared_dir", str(runs["root"] / "prepared"), "--use_prepared",
+                       "--out_dir", str(out[mode]), "--max_seq_len", "64", "--batch_size", "4", "--max_steps", "4",
+                       "--learning_rate", "3e-3", "--log_interval", "1", "--eval_interval", "0", "--eval_batches", "1",
+                       "--sample_prompts", "", "--report_to", "none", "--dtype", "bfloat16", *extra, ranks=2)
+        assert r.returncode == 0, r.stderr
+    ddp, fsdp = records(out["ddp"], "train"), records(out["fsdp"], "train")
+    assert sorted(ddp) == sorted(fsdp) == [1, 2, 3, 4]
+    for step in ddp:
+        assert fsdp[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=0.01), step
+    assert json.loads((out["fsdp"] / "final" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert all(t.dtype == torch.float32 for t in load_file(out["fsdp"] / "final" / "model.safetensors").values())
 
 
 @pytest.mark.slow
