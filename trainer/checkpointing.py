@@ -37,7 +37,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from minitrain.dataset.files import write_atomic
 from minitrain.model.checkpoint import load_weights, save_checkpoint
@@ -146,7 +145,7 @@ def read_latest_quietly(out_dir: str) -> str | None:
 
 def nonfinite_tensors(tensors) -> list[str]:
     """Names of the (name, tensor) pairs holding a NaN or an infinity (one device sync for all of them)."""
-    tensors = [(name, t.to_local() if isinstance(t, DTensor) else t) for name, t in tensors]     # a shard: its part
+    tensors = [(name, t.to_local() if sharding.is_dtensor(t) else t) for name, t in tensors]     # a shard: its part
     pairs = [(name, t) for name, t in tensors if t.is_floating_point() and t.numel()]
     if not pairs:
         return []

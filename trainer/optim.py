@@ -13,13 +13,12 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule
 
 from minitrain.model.transformer import unwrap
 
 from minitrain.trainer.configuration import TrainConfig, TrainingDiverged
 from minitrain.trainer.distributed import print0
-from minitrain.trainer.sharding import full_tensor
+from minitrain.trainer import sharding
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -91,7 +90,7 @@ def sync_gradients(model: nn.Module, last_micro_step: bool):
     """
     if isinstance(model, nn.parallel.DistributedDataParallel) and not last_micro_step:
         return model.no_sync()
-    if isinstance(unwrap(model), FSDPModule):
+    if sharding.is_sharded(model):
         return fsdp_gradient_sync(unwrap(model), last_micro_step)
     return nullcontext()
 
@@ -119,7 +118,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    grad_norm = full_tensor(grad_norm)       # under FSDP the norm of every rank's shards together
+    grad_norm = sharding.full_tensor(grad_norm)       # under FSDP the norm of every rank's shards together
     skips = getattr(optimizer, "nonfinite_skips", None)
     if skips is not None and not scaler.is_enabled() and not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)

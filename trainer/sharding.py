@@ -22,25 +22,41 @@ weights, which stay gathered between a forward and its backward. full_weights ho
 fp32, 2 P in bf16) while it lasts. The README's table gives the figures for the presets and an 8B Llama shape.
 """
 
+import sys
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from minitrain.model.lora import apply_lora, has_lora
 from minitrain.model.transformer import unwrap
 
+# torch.distributed.fsdp and torch.distributed.tensor take about a second to import, at every start of every script
+# and of every rank, so only --fsdp imports them (shard_model). Until they are imported no module can be sharded and
+# no tensor can be a DTensor: the two tests below read the classes from sys.modules and are exact either way.
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    """True for a module that fully_shard has wrapped (its class becomes FSDP<Class>)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """True for a sharded parameter, gradient or moment (a DTensor: each rank holds its part, .to_local())."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(unwrap(model), FSDPModule)
+    return is_fsdp_module(unwrap(model))
 
 
 def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     """fully_shard each block, then the root, in place (the module stays the same object). Under mixed precision
     the gathered weights are cast to compute_dtype for the forward and backward, and gradients are reduced in fp32
     (MixedPrecisionPolicy); the sharded master weights and the optimizer stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy() if compute_dtype == torch.float32 else \
         MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
@@ -54,6 +70,7 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], mo
     before sharding; a moment the optimizer already holds (a resumed run's, full size) is cut to this rank's shard
     the way FSDP cuts the parameter (a DTensor with the parameter's placements, no communication: every rank holds
     the same full moment). The step counts and hyper-parameters are kept."""
+    from torch.distributed.tensor import distribute_tensor
     sharded = dict(model.named_parameters())
     old_state = dict(optimizer.state)
     optimizer.state.clear()
@@ -73,7 +90,7 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], mo
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded tensor gathered whole (a collective: every rank calls it, in the same order); others as they are."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
 def gathered_state(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
@@ -91,7 +108,8 @@ def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     """A plain model on the CPU with the weights of gathered_state (LoRA adapters included): rank 0 merges the
     adapters of a sharded LoRA run into it for OUT_DIR/merged."""
     inner = unwrap(model)
-    plain_class = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))   # FSDP<Class> -> Class
+    fsdp_class = sys.modules["torch.distributed.fsdp"].FSDPModule        # imported: the model is sharded
+    plain_class = next(c for c in type(inner).__mro__ if not issubclass(c, fsdp_class))   # FSDP<Class> -> Class
     with torch.device("cpu"):
         copy = plain_class(inner.config)
     if has_lora(inner):
@@ -105,7 +123,7 @@ def full_weights(model: nn.Module):
     """Every rank holds the whole model inside the block (a collective on entering and leaving; nothing between),
     so its forwards need no other rank. A no-op for a model that is not sharded (or None)."""
     root = unwrap(model)
-    modules = [] if root is None else [m for m in root.modules() if isinstance(m, FSDPModule)]
+    modules = [] if root is None else [m for m in root.modules() if is_fsdp_module(m)]
     if not modules:
         yield
         return
