@@ -1,4 +1,4 @@
-# Run: pytest tests/test_pipeline.py   (all slow: trainer/pipeline.py in subprocesses)
+# Run: pytest tests/test_pipeline.py   (without trainer/pipeline.py in subprocesses: -m "not slow")
 # trainer/pipeline.py end to end on a shortened config (pretraining and SFT, a few steps each, then evaluation and
 # the comparison), the skipping of finished stages, and its one-line errors.
 import json
@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import script_env
+from minitrain.trainer.optim import cpu_has_native_bf16
+from minitrain.trainer.pipeline import stage_dtype
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow   # every test runs trainer/pipeline.py as a subprocess
 
 SHORT = """
 out_dir: unused
@@ -38,6 +39,7 @@ def pipeline(*args):
                           env=script_env(), timeout=600)
 
 
+@pytest.mark.slow
 def test_short_pipeline_trains_evaluates_and_compares_every_stage(tmp_path):
     config = tmp_path / "short.yaml"
     config.write_text(textwrap.dedent(SHORT).replace("PREPARED", str(tmp_path / "prepared")))
@@ -64,19 +66,40 @@ def test_short_pipeline_trains_evaluates_and_compares_every_stage(tmp_path):
     assert "sft: skipped" in again.stdout and "pretrain" not in again.stdout.split("\n")[1]
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_default_commands_and_dtype_overrides_every_stage(tmp_path):
     r = pipeline("--dry_run", "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     commands = [line for line in r.stdout.splitlines() if ": python trainer/" in line]
     assert [c.split()[:2] for c in commands] == [["[1/4]", "pretrain:"], ["[2/4]", "sft:"], ["[3/4]", "dpo:"],
                                                  ["[4/4]", "grpo:"]]
-    assert all("--dtype bfloat16" in c for c in commands)          # the default config's dtype
+    native = cpu_has_native_bf16()       # the default config's bfloat16, or float32 where this CPU would emulate it
+    assert all(f"--dtype {'bfloat16' if native else 'float32'}" in c for c in commands)
+    assert ("no native bfloat16" in r.stdout) == (not native)
     assert f"--init_from {tmp_path}/sft/final" in commands[2] and not list(tmp_path.iterdir())   # nothing written
     r = pipeline("--dry_run", "--out_dir", str(tmp_path), "--dtype", "float32")
     commands = [line for line in r.stdout.splitlines() if ": python trainer/" in line]
     assert len(commands) == 4 and all("--dtype float32" in c and "bfloat16" not in c for c in commands)
 
 
+def test_bf16_stages_run_in_fp32_on_a_cpu_that_would_emulate_bf16():
+    assert stage_dtype("bfloat16", None, "cpu", native_bf16=False) == "float32"
+    assert stage_dtype("bfloat16", None, "cpu", native_bf16=True) == "bfloat16"
+    assert stage_dtype("bfloat16", None, "cuda", native_bf16=True) == "bfloat16"
+    assert stage_dtype("bfloat16", "bfloat16", "cpu", native_bf16=False) == "bfloat16"   # --dtype decides
+    assert stage_dtype("float16", None, "cpu", native_bf16=False) == "float16"
+    assert stage_dtype(None, None, "cpu", native_bf16=False) is None                     # the script's default
+
+
+def test_cpu_bf16_is_read_off_the_cpu_flags(tmp_path):
+    for flags, native in [("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("fp asimd bf16", True),
+                          ("fpu amx_tile amx_bf16", True)]:
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_has_native_bf16(str(tmp_path / "cpuinfo")) is native, flags
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is True      # nothing to read (not Linux): trust the user
+
+
+@pytest.mark.slow
 def test_pipeline_errors_are_one_line(tmp_path):
     r = pipeline("--stages", "pretrain,rlhf", "--out_dir", str(tmp_path))
     assert r.returncode == 2 and r.stderr.startswith("error: --stages: unknown stage(s) ['rlhf']")

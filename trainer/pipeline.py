@@ -5,7 +5,8 @@ Commands, from the repository root after `pip install -r requirements.txt -e .`:
     # the default (config/pipeline/default.yaml): the mini model on the embedded data, CPU, 15 to 19 minutes
     python trainer/pipeline.py
 
-    # the same in fp32, on a CPU without native bfloat16 (no avx512_bf16 or AMX in /proc/cpuinfo's flags)
+    # the same in fp32 (on a CPU without native bfloat16, no avx512_bf16 or AMX in /proc/cpuinfo's flags, the
+    # default does this by itself and says so: emulated bf16 would take hours)
     python trainer/pipeline.py --dtype float32 --out_dir out/pipeline-fp32
 
     # some stages only (a stage whose output exists is skipped unless --force; later stages start from it)
@@ -38,6 +39,7 @@ import yaml
 
 from minitrain import REPO_ROOT
 from minitrain.eval.cli import OneLineParser, UsageError
+from minitrain.trainer.optim import cpu_has_native_bf16
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "config", "pipeline", "default.yaml")
 
@@ -89,6 +91,17 @@ def load_config(path: str) -> dict:
     if not isinstance(config.get("evaluation", {}), dict):
         raise UsageError(f"{path}: key 'evaluation' must be a mapping of eval/evaluate.py flags")
     return config
+
+
+def stage_dtype(config_dtype: str | None, forced: str | None, device: str, native_bf16: bool) -> str | None:
+    """The --dtype a stage runs with: the pipeline's --dtype when given, else the config's, except that bfloat16
+    becomes float32 on a CPU without native bf16, where emulated bf16 autocast is about 25x slower (the default
+    pipeline would take hours, not minutes). The pipeline prints that choice before the first stage."""
+    if forced:
+        return forced
+    if config_dtype == "bfloat16" and device == "cpu" and not native_bf16:
+        return "float32"
+    return config_dtype
 
 
 def flags(args: dict) -> list[str]:
@@ -188,6 +201,11 @@ def main(argv=None) -> int:
     tokenizer_dir = os.path.join(out_dir, "tokenizer") if args.train_tokenizer else None
     started = time.time()
     print(f"pipeline: {', '.join(chosen)} -> {out_dir} ({args.device}, {args.nproc_per_node} process(es) per stage)")
+    native_bf16 = args.device != "cpu" or cpu_has_native_bf16()
+    if not args.dtype and not native_bf16 and any(s.get("args", {}).get("dtype") == "bfloat16" for s in all_stages):
+        print("pipeline: this CPU has no native bfloat16 (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo), so the "
+              "config's bfloat16 stages run in float32 (emulated bf16 is about 25x slower); the models differ from "
+              "the README's bf16 ones. --dtype bfloat16 forces bf16.")
 
     # ---- training stages, in order ----
     for number, stage in enumerate(all_stages, start=1):
@@ -208,8 +226,9 @@ def main(argv=None) -> int:
             stage_args["out_dir"] = stage_dir
         else:
             stage_args.update(out_dir=stage_dir, device=args.device, report_to=args.report_to)
-            if args.dtype:
-                stage_args["dtype"] = args.dtype
+            dtype = stage_dtype(stage_args.get("dtype"), args.dtype, args.device, native_bf16)
+            if dtype:
+                stage_args["dtype"] = dtype
             if stage.get("init_from"):
                 stage_args["init_from"] = os.path.join(out_dir, stage["init_from"], "final")
             elif tokenizer_dir:
