@@ -94,6 +94,7 @@ def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, tem
         seen = seen_tokens(input_ids, attention_mask[:, :P], model.config.vocab_size)   # [B, V]
     out = model(input_ids, attention_mask=attention_mask[:, :P], kv_cache=cache, logits_to_keep=1)
 
+    next_position = attention_mask[:, :P].sum(-1, keepdim=True)                    # [B, 1] real tokens so far
     completions = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     greedy = isinstance(temperature, (int, float)) and temperature == 0 and not learned_decoding
@@ -122,6 +123,7 @@ def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, tem
         if seen is not None:
             seen.scatter_(1, next_tokens[:, None], True)
         attention_mask[:, P + step] = 1
-        out = model(next_tokens[:, None], attention_mask=attention_mask[:, :P + step + 1], kv_cache=cache)
+        out = model(next_tokens[:, None], attention_mask=attention_mask[:, :P + step + 1],
+                    position_ids=next_position + step, kv_cache=cache)                # positions count real tokens
     model.train(was_training)
     return GenerationOutput(completions=completions, finished=finished.tolist())

@@ -181,16 +181,20 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)                # [B, nkv, S, hd]
-        # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
+        # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads. Without gradients
+        # (generation, reference models, evaluation) SDPA reads the shared heads in place (enable_gqa: the same
+        # output bits, and no copy of the whole cache at every new token); with gradients they are copied out, so
+        # the backward sums the groups' key/value gradients in the order training has always had.
         groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
+        in_place = groups > 1 and not torch.is_grad_enabled()
+        if groups > 1 and not in_place:
             k = k.repeat_interleave(groups, dim=1)                      # [B, nh, S, hd]
             v = v.repeat_interleave(groups, dim=1)
         dropout = self.dropout if self.training else 0.0
         if mask is None:   # plain causal attention over T == S (training without padding): the fused fast path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # [B, nh, T, hd]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=in_place)
+        else:                                                           # [B, nh, T, hd]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=in_place)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -52,6 +52,18 @@ def test_greedy_with_kv_cache_equals_greedy_without(preset):
         assert completion == seq[len(prompt):]
 
 
+def test_attention_without_gradients_reads_the_shared_kv_heads_in_place_with_the_same_bits():
+    model = tiny()
+    assert model.config.num_attention_heads > model.config.num_key_value_heads          # grouped-query attention
+    ids = torch.randint(3, 6400, (3, 17))
+    mask = (torch.arange(17) >= torch.tensor([[0], [5], [16]])).long()                   # left padding
+    for attention_mask in (None, mask):
+        copied = model(ids, attention_mask=attention_mask).logits                       # gradients: K/V copied out
+        with torch.no_grad():
+            in_place = model(ids, attention_mask=attention_mask).logits                 # enable_gqa
+        assert torch.equal(in_place, copied.detach())
+
+
 def test_rows_stop_at_eos_independently_and_stream_every_token():
     model = tiny()
     prompts = [[5, 6, 7], [100, 200, 300, 400]]
