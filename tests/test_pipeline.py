@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import script_env
+from conftest import copy_prepared, script_env
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow   # every test runs trainer/pipeline.py as a subprocess
@@ -23,7 +23,7 @@ stages:
   - name: pretrain
     script: trainer/train_pretrain.py
     args: {max_steps: 6, batch_size: 4, max_seq_len: 64, eval_interval: 0, eval_batches: 1, sample_prompts: "",
-           prepared_dir: PREPARED}
+           prepared_dir: PREPARED, use_prepared: true}
   - name: sft
     script: trainer/train_sft.py
     init_from: pretrain
@@ -38,7 +38,8 @@ def pipeline(*args):
                           env=script_env(), timeout=600)
 
 
-def test_short_pipeline_trains_evaluates_and_compares_every_stage(tmp_path):
+def test_short_pipeline_trains_evaluates_and_compares_every_stage(prepared_pretrain, tmp_path):
+    copy_prepared(prepared_pretrain, tmp_path / "prepared")       # pretraining reads it back; SFT prepares its own
     config = tmp_path / "short.yaml"
     config.write_text(textwrap.dedent(SHORT).replace("PREPARED", str(tmp_path / "prepared")))
     out = tmp_path / "out"
