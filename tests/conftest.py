@@ -4,8 +4,11 @@
 # test session (about a minute and a half on 2 CPU cores), for the tests of the methods that start from an SFT model
 # (DPO, RL, distillation). Tests must copy what they change; the directories are shared. Under pytest-xdist (the
 # default, pyproject.toml) the workers share one copy: the first to need it trains it, the others wait on a lock.
+# prepared_pretrain: the embedded pretrain mixture prepared and tokenized once per session (~25 s each time a run
+# prepares it), shared the same way; runs whose claim is not about data preparation copy it and pass --use_prepared.
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,12 +61,14 @@ def pytest_collection_modifyitems(config, items):
     and --no-loadscope-reorder, pyproject.toml): first one file that needs trained_checkpoints, so that one worker
     trains it while the others run the files that do not need it (those with a slow-marked test first); the other
     files that need it come last, when it is ready, instead of workers waiting on its lock. A test that needs
-    trained_checkpoints is marked slow here even where its file forgot to, so `-m "not slow"` never trains it."""
+    trained_checkpoints (or prepared_pretrain) is marked slow here even where its file forgot to, so `-m "not slow"`
+    never trains it."""
     files: dict = {}
     for item in items:
         files.setdefault(item.path, []).append(item)
-        if "trained_checkpoints" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.slow)    # the fixture alone takes minutes: never in the fast lane
+        if ({"trained_checkpoints", "prepared_pretrain"} & set(getattr(item, "fixturenames", ()))
+                and not item.get_closest_marker("slow")):
+            item.add_marker(pytest.mark.slow)    # these fixtures run scripts (minutes): never in the fast lane
     needs = [path for path, tests in files.items()
              if any("trained_checkpoints" in getattr(t, "fixturenames", ()) for t in tests)]
 
@@ -75,25 +80,54 @@ def pytest_collection_modifyitems(config, items):
     items[:] = [item for path in sorted(files, key=rank) for item in files[path]]
 
 
-@pytest.fixture(scope="session")
-def trained_checkpoints(tmp_path_factory) -> dict[str, str]:
-    """{"pretrain": DIR, "sft": DIR, "prepared": DIR}: the tiny model after a short pretraining and SFT."""
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A directory every xdist worker of this run shares (guard it with FileLock(str(dir) + ".lock"))."""
     if os.environ.get("PYTEST_XDIST_WORKER"):         # one directory for all workers of this run
-        root = tmp_path_factory.getbasetemp().parent / "trained"
-    else:
-        root = tmp_path_factory.mktemp("trained")
+        return tmp_path_factory.getbasetemp().parent / name
+    return tmp_path_factory.mktemp(name)
+
+
+@pytest.fixture(scope="session")
+def prepared_pretrain(tmp_path_factory) -> Path:
+    """A --prepared_dir holding the embedded pretrain mixture prepared and tokenized (its token cache built) by the
+    real script in a 1-step run, once per test session: preparing it takes ~25 s of every run that does. For the
+    runs whose claim is not about preparation; they take a copy (copy_prepared) and pass --use_prepared."""
+    root = shared_dir(tmp_path_factory, "prepared_pretrain")
+    with FileLock(str(root) + ".lock"):
+        if not (root / "warmup" / "final").is_dir():
+            r = run_script("train_pretrain.py", "--prepared_dir", str(root / "prepared"), "--out_dir",
+                           str(root / "warmup"), "--max_steps", "1", "--max_seq_len", "64", "--batch_size", "2",
+                           "--eval_interval", "0", "--eval_batches", "1", "--sample_prompts", "",
+                           "--report_to", "none")
+            assert r.returncode == 0, r.stderr
+    return root / "prepared"
+
+
+def copy_prepared(prepared: Path, into: Path) -> str:
+    """A private copy of a shared --prepared_dir (runs may write caches beside the data); returns its path."""
+    shutil.copytree(prepared, into)
+    return str(into)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(tmp_path_factory, prepared_pretrain) -> dict[str, str]:
+    """{"pretrain": DIR, "sft": DIR, "prepared": DIR}: the tiny model after a short pretraining and SFT."""
+    root = shared_dir(tmp_path_factory, "trained")
     with FileLock(str(root) + ".lock"):
         if not (root / "sft" / "final").is_dir():
-            train_checkpoints(root)
+            train_checkpoints(root, prepared_pretrain)
     return {"pretrain": str(root / "pretrain" / "final"), "sft": str(root / "sft" / "final"),
             "prepared": str(root / "prepared")}
 
 
-def train_checkpoints(root: Path) -> None:
+def train_checkpoints(root: Path, prepared_pretrain: Path) -> None:
     prepared = str(root / "prepared")
+    shutil.rmtree(prepared, ignore_errors=True)     # left by an interrupted earlier attempt
+    copy_prepared(prepared_pretrain, Path(prepared))
     common = ["--prepared_dir", prepared, "--report_to", "none", "--log_interval", "50", "--eval_interval", "0",
               "--eval_batches", "2", "--sample_prompts", ""]
-    r = run_script("train_pretrain.py", *common, "--out_dir", str(root / "pretrain"), "--max_steps", "300",
+    r = run_script("train_pretrain.py", *common, "--use_prepared", "--out_dir", str(root / "pretrain"),
+                   "--max_steps", "300",
                    "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "5e-3", "--warmup_steps", "20")
     assert r.returncode == 0, r.stderr
     r = run_script("train_sft.py", *common, "--init_from", str(root / "pretrain" / "final"), "--out_dir",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, run_script, script_env
+from conftest import REPO, copy_prepared, run_script, script_env
 from minitrain.trainer import checkpointing, configuration, optim
 from minitrain.trainer.checkpointing import check_out_dir
 from minitrain.trainer.configuration import TrainConfig, parse_config
@@ -40,13 +40,14 @@ def step_dirs(out) -> list[str]:
 # ---- non-finite loss ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(prepared_pretrain, tmp_path):
     """The issue's reproduction: at learning rate 1e4 the weights turn NaN during step 5. Before, steps 6 and 9 were
     saved with NaN weights, `latest` named them, rotation deleted step 3 and the run crashed in sampling."""
     out = tmp_path / "run"
+    prepared = copy_prepared(prepared_pretrain, tmp_path / "prepared")        # the session's, not prepared again
     r = run_script("train_pretrain.py", "--model_config", "tiny", "--learning_rate", "1e4", "--warmup_steps", "1",
                    "--max_steps", "12", "--save_interval", "3", "--keep_checkpoints", "2", "--report_to", "none",
-                   "--prepared_dir", str(tmp_path / "prepared"), "--out_dir", str(out))
+                   "--prepared_dir", prepared, "--use_prepared", "--out_dir", str(out))
     line = one_error_line(r)
     assert line == (f"error: step 6: 20 weight tensors are not finite (NaN or inf), e.g. model.embed_tokens.weight: "
                     f"the run stopped and saved none of it; the last good checkpoint is {out}/step_000003: lower "
@@ -58,10 +59,11 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_non_finite_gradient_norm_at_a_log_step_stops_the_run_naming_step_and_value(tmp_path):
+def test_a_non_finite_gradient_norm_at_a_log_step_stops_the_run_naming_step_and_value(prepared_pretrain, tmp_path):
     out = tmp_path / "run"
+    prepared = copy_prepared(prepared_pretrain, tmp_path / "prepared")        # the session's, not prepared again
     r = run_script("train_pretrain.py", *QUICK, "--learning_rate", "1e4", "--warmup_steps", "1", "--max_steps", "8",
-                   "--log_interval", "1", "--eval_interval", "0", "--prepared_dir", str(tmp_path / "prepared"),
+                   "--log_interval", "1", "--eval_interval", "0", "--prepared_dir", prepared, "--use_prepared",
                    "--out_dir", str(out))
     line = one_error_line(r)
     assert line == ("error: step 5: the gradient norm is nan (loss 8.76405): the run stopped and saved none of it; the "
@@ -70,7 +72,7 @@ def test_a_non_finite_gradient_norm_at_a_log_step_stops_the_run_naming_step_and_
     assert not (out / "latest").exists() and step_dirs(out) == []
     # opt-in: skip such updates, at most --skip_nonfinite_steps times
     r = run_script("train_pretrain.py", *QUICK, "--learning_rate", "1e4", "--warmup_steps", "1", "--max_steps", "12",
-                   "--log_interval", "1", "--eval_interval", "0", "--prepared_dir", str(tmp_path / "prepared"),
+                   "--log_interval", "1", "--eval_interval", "0", "--prepared_dir", prepared, "--use_prepared",
                    "--out_dir", str(tmp_path / "skipping"), "--skip_nonfinite_steps", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stdout.count("skipped an update whose gradient norm is nan") == 2
@@ -105,18 +107,20 @@ def test_an_infinite_learning_rate_is_refused(capsys):
 
 
 @pytest.fixture(scope="module")
-def two_step_run(tmp_path_factory):
-    """A finished run of 2 steps with a checkpoint at each step (tests copy it before changing it)."""
+def two_step_run(prepared_pretrain, tmp_path_factory):
+    """A finished run of 2 steps with a checkpoint at each step (tests copy it before changing it), on a copy of the
+    session's prepared data (resume() reads it back with --use_prepared)."""
     root = tmp_path_factory.mktemp("two_steps")
+    copy_prepared(prepared_pretrain, root / "prepared")
     r = run_script("train_pretrain.py", *QUICK, "--max_steps", "2", "--save_interval", "1", "--eval_interval", "0",
-                   "--prepared_dir", str(root / "prepared"), "--out_dir", str(root / "run"))
+                   "--prepared_dir", str(root / "prepared"), "--use_prepared", "--out_dir", str(root / "run"))
     assert r.returncode == 0, r.stderr
     return root
 
 
 def resume(root, out, *extra):
     return run_script("train_pretrain.py", *QUICK, "--max_steps", "3", "--eval_interval", "0", "--resume",
-                      "--prepared_dir", str(root / "prepared"), "--out_dir", str(out), *extra)
+                      "--prepared_dir", str(root / "prepared"), "--use_prepared", "--out_dir", str(out), *extra)
 
 
 @pytest.mark.slow

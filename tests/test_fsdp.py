@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import copy_prepared, run_script
 from safetensors.torch import load_file
 
 from minitrain.model.checkpoint import load_model
@@ -40,12 +40,13 @@ def pretrain_args(prepared: str, out_dir, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """The same pretraining run under DDP and under FSDP, 2 ranks each, on data the DDP run prepares."""
+def runs(prepared_pretrain, tmp_path_factory) -> dict[str, Path]:
+    """The same pretraining run under DDP and under FSDP, 2 ranks each, on a copy of the session's prepared data."""
     root = tmp_path_factory.mktemp("fsdp")
     out = {"ddp": root / "ddp", "fsdp": root / "fsdp", "root": root}
+    copy_prepared(prepared_pretrain, root / "prepared")
     for mode in ("ddp", "fsdp"):
-        extra = ["--fsdp", "--use_prepared"] if mode == "fsdp" else []
+        extra = ["--fsdp", "--use_prepared"] if mode == "fsdp" else ["--use_prepared"]
         r = run_script("train_pretrain.py", *pretrain_args(str(root / "prepared"), out[mode], *extra), ranks=2)
         assert r.returncode == 0, r.stderr
     return out

@@ -265,7 +265,8 @@ def held_out_temperatures(model, tokenizer, prepared) -> dict[str, float]:
 def heads_run(trained_checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("heads") / "run"
     r = run_script("train_sft.py", "--init_from", trained_checkpoints["sft"], "--out_dir", str(out),
-                   "--prepared_dir", trained_checkpoints["prepared"], "--max_steps", "60", "--batch_size", "16",
+                   "--prepared_dir", trained_checkpoints["prepared"], "--use_prepared",    # the fixture's SFT data
+                   "--max_steps", "60", "--batch_size", "16",
                    "--max_seq_len", "128", "--learning_rate", "1e-2", "--warmup_steps", "5", "--log_interval", "10",
                    "--eval_interval", "0", "--eval_batches", "4", "--eval_tasks", "", "--sample_prompts", "",
                    "--report_to", "none", "--train_temp", "--freeze_base", "--goldilocks_filter")

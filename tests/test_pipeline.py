@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import script_env
+from conftest import copy_prepared, script_env
 from minitrain.trainer.optim import cpu_has_native_bf16
 from minitrain.trainer.pipeline import stage_dtype
 
@@ -24,7 +24,7 @@ stages:
   - name: pretrain
     script: trainer/train_pretrain.py
     args: {max_steps: 6, batch_size: 4, max_seq_len: 64, eval_interval: 0, eval_batches: 1, sample_prompts: "",
-           prepared_dir: PREPARED}
+           prepared_dir: PREPARED, use_prepared: true}
   - name: sft
     script: trainer/train_sft.py
     init_from: pretrain
@@ -40,7 +40,8 @@ def pipeline(*args):
 
 
 @pytest.mark.slow
-def test_short_pipeline_trains_evaluates_and_compares_every_stage(tmp_path):
+def test_short_pipeline_trains_evaluates_and_compares_every_stage(prepared_pretrain, tmp_path):
+    copy_prepared(prepared_pretrain, tmp_path / "prepared")       # pretraining reads it back; SFT prepares its own
     config = tmp_path / "short.yaml"
     config.write_text(textwrap.dedent(SHORT).replace("PREPARED", str(tmp_path / "prepared")))
     out = tmp_path / "out"

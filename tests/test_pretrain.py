@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import copy_prepared
 from minitrain.model.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,14 +44,10 @@ def train_losses(out_dir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> str:
-    """The embedded pretrain mixture, prepared and tokenized once for every run of this file (--use_prepared)."""
-    directory = tmp_path_factory.mktemp("prepared")
-    r = run(["--prepared_dir", str(directory), "--out_dir", str(directory / "warmup"), "--max_steps", "1",
-             "--max_seq_len", "64", "--batch_size", "2", "--eval_batches", "1", "--sample_prompts", "",
-             "--report_to", "none"])
-    assert r.returncode == 0, r.stderr
-    return str(directory)
+def prepared(prepared_pretrain, tmp_path_factory) -> str:
+    """The embedded pretrain mixture, prepared and tokenized once per session (conftest.py), copied for every run
+    of this file (--use_prepared)."""
+    return copy_prepared(prepared_pretrain, tmp_path_factory.mktemp("prepared") / "prepared")
 
 
 def small_run(prepared, out_dir, *extra) -> list[str]:
