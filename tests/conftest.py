@@ -127,8 +127,7 @@ def train_checkpoints(root: Path, prepared_pretrain: Path) -> None:
     common = ["--prepared_dir", prepared, "--report_to", "none", "--log_interval", "50", "--eval_interval", "0",
               "--eval_batches", "2", "--sample_prompts", ""]
     r = run_script("train_pretrain.py", *common, "--use_prepared", "--out_dir", str(root / "pretrain"),
-                   "--max_steps", "300",
-                   "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "5e-3", "--warmup_steps", "20")
+                   "--max_steps", "300", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "5e-3", "--warmup_steps", "20")
     assert r.returncode == 0, r.stderr
     r = run_script("train_sft.py", *common, "--init_from", str(root / "pretrain" / "final"), "--out_dir",
                    str(root / "sft"), "--max_steps", "200", "--batch_size", "16", "--max_seq_len", "128",

@@ -70,6 +70,9 @@ def resolve_dtype(flag: str, device: torch.device) -> torch.dtype:
     return DTYPES[flag]
 
 
+NO_NATIVE_BF16 = "this CPU has no native bfloat16 (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo)"
+
+
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True where the CPU computes bfloat16 in hardware: x86's avx512_bf16 or AMX, Arm's bf16 extension, read off
     /proc/cpuinfo's flags. Elsewhere bf16 autocast is emulated and far slower than float32 (2 AVX2 cores, the mini

@@ -39,7 +39,7 @@ import yaml
 
 from minitrain import REPO_ROOT
 from minitrain.eval.cli import OneLineParser, UsageError
-from minitrain.trainer.optim import cpu_has_native_bf16
+from minitrain.trainer.optim import NO_NATIVE_BF16, cpu_has_native_bf16
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "config", "pipeline", "default.yaml")
 
@@ -203,9 +203,8 @@ def main(argv=None) -> int:
     print(f"pipeline: {', '.join(chosen)} -> {out_dir} ({args.device}, {args.nproc_per_node} process(es) per stage)")
     native_bf16 = args.device != "cpu" or cpu_has_native_bf16()
     if not args.dtype and not native_bf16 and any(s.get("args", {}).get("dtype") == "bfloat16" for s in all_stages):
-        print("pipeline: this CPU has no native bfloat16 (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo), so the "
-              "config's bfloat16 stages run in float32 (emulated bf16 is about 25x slower); the models differ from "
-              "the README's bf16 ones. --dtype bfloat16 forces bf16.")
+        print(f"pipeline: {NO_NATIVE_BF16}, so the config's bfloat16 stages run in float32 (emulated bf16 is about "
+              "25x slower); the models differ from the README's bf16 ones. --dtype bfloat16 forces bf16.")
 
     # ---- training stages, in order ----
     for number, stage in enumerate(all_stages, start=1):

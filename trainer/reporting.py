@@ -21,7 +21,7 @@ from minitrain.dataset.files import write_atomic
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer.configuration import TrainConfig, TrainingDiverged, config_dict
 from minitrain.trainer.distributed import DistInfo, print0
-from minitrain.trainer.optim import cpu_has_native_bf16, resolve_dtype
+from minitrain.trainer.optim import NO_NATIVE_BF16, cpu_has_native_bf16, resolve_dtype
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) from NVIDIA's datasheets; the first name contained in the device name wins.
 GPU_PEAK_FLOPS = [
@@ -107,8 +107,7 @@ class RunLogger:
             return
         if dist.device.type == "cpu" and resolve_dtype(cfg.dtype, dist.device) == torch.bfloat16 \
                 and not cpu_has_native_bf16():
-            print0("warning: this CPU has no native bfloat16 (no avx512_bf16, amx_bf16 or bf16 in /proc/cpuinfo), so "
-                   "bf16 autocast is emulated, about 25x slower than --dtype float32")
+            print0(f"warning: {NO_NATIVE_BF16}, so bf16 autocast is emulated, about 25x slower than --dtype float32")
         if self.peak_flops is None:
             print0(f"MFU not reported: no peak FLOP/s known for {torch.cuda.get_device_name(dist.device)}")
         os.makedirs(cfg.out_dir, exist_ok=True)
