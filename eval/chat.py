@@ -5,6 +5,7 @@
     python eval/chat.py --model out/pretrain/final --raw --prompt "The list"   # no chat template
     python eval/chat.py --model out/sft/final --adapter out/lora/final --system "Answer briefly."
     python eval/chat.py --model out/sft/final --device cuda --temperature 0    # greedy on a GPU
+    python eval/chat.py --model out/sft/final --compile     # compiled decoding: a compile first, then faster
     python eval/chat.py --model out/sft-temp/final --learned_decoding          # the heads pick T (and top-p) per token
 
 In interactive mode an empty line or Ctrl-D ends the session and `/reset` clears the conversation; the banner gives
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
     p.add_argument("--learned_decoding", action="store_true",
                    help="sample with the temperature (and top-p) the model's decoding heads predict per token")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the compiled step (model/generate.py): the first answer waits 10 to 40 s of "
+                        "compiling, later ones come faster")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--min_p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0 = off)")
@@ -104,7 +108,7 @@ def answer(model, tokenizer, prompt_ids, args, out=None) -> str:
     generate(model, [prompt_ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
              eos_token_id=[tokenizer.eos_id, tokenizer.pad_id], pad_token_id=tokenizer.pad_id, generator=generator,
-             stream=stream, learned_decoding=args.learned_decoding)
+             stream=stream, learned_decoding=args.learned_decoding, compiled=args.compile)
     out.write("\n")
     out.flush()
     return tokenizer.decode(stream.ids)

@@ -44,7 +44,7 @@ def parse_task_names(text: str) -> list[str]:
 
 def generate_completions(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
                          temperature: float, top_k: int, top_p: float, min_p: float,
-                         generator: torch.Generator | None, learned_decoding: bool = False
+                         generator: torch.Generator | None, learned_decoding: bool = False, compiled: bool = False
                          ) -> tuple[list[str], list[bool]]:
     """Decoded completions (special tokens dropped) of every prompt and whether each stopped at EOS.
 
@@ -57,7 +57,7 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new_tok
         rows = order[start:start + batch_size]
         out = generate(model, [prompts[i] for i in rows], max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, min_p=min_p, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-                       generator=generator, learned_decoding=learned_decoding)
+                       generator=generator, learned_decoding=learned_decoding, compiled=compiled)
         for i, ids, done in zip(rows, out.completions, out.finished):
             texts[i], finished[i] = tokenizer.decode(ids), done
     return texts, finished
@@ -76,7 +76,8 @@ def held_out_prompts(tokenizer, task_name: str, num_samples: int, eval_seed: int
 def evaluate_task(model, tokenizer, task, problems, prompts: list[list[int]], samples_per_problem: int = 1,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                   max_new_tokens: int = 128, batch_size: int = 32, generator: torch.Generator | None = None,
-                  level: float = DEFAULT_LEVEL, keep_samples: bool = False, learned_decoding: bool = False) -> dict:
+                  level: float = DEFAULT_LEVEL, keep_samples: bool = False, learned_decoding: bool = False,
+                  compiled: bool = False) -> dict:
     """Summary (eval/stats.summarize) of one task on its problems (prompts[i] = problem i's chat prompt), with
     samples_per_problem completions each.
 
@@ -89,7 +90,7 @@ def evaluate_task(model, tokenizer, task, problems, prompts: list[list[int]], sa
     jobs = [(p, s) for p in range(len(problems)) for s in range(samples_per_problem)]   # (problem, sample) pairs
     texts, finished = generate_completions(model, tokenizer, [prompts[p] for p, _ in jobs], max_new_tokens,
                                            batch_size, temperature, top_k, top_p, min_p, generator,
-                                           learned_decoding)
+                                           learned_decoding, compiled)
     scores = [[0.0] * samples_per_problem for _ in problems]
     for (p, s), text in zip(jobs, texts):
         scores[p][s] = task.score(problems[p], text)
@@ -150,7 +151,8 @@ def evaluate_tasks(model, tokenizer, task_names: list[str], num_samples: int, sa
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                    max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0, device=None,
                    eval_seed: int = EVAL_SEED, task_weights: dict[str, float] | None = None,
-                   level: float = DEFAULT_LEVEL, keep_samples: bool = False, learned_decoding: bool = False) -> dict:
+                   level: float = DEFAULT_LEVEL, keep_samples: bool = False, learned_decoding: bool = False,
+                   compiled: bool = False) -> dict:
     """Evaluate `model` on each task of task_names; returns {task_name: summary, ..., "aggregate": aggregate}.
 
     A summary (eval/stats.summarize and evaluate_task) holds accuracy, ci80, mean, std, median, success_rate,
@@ -181,7 +183,7 @@ def evaluate_tasks(model, tokenizer, task_names: list[str], num_samples: int, sa
     try:
         results = {name: evaluate_task(model, tokenizer, task, problems, prompts, samples_per_problem, temperature,
                                        top_k, top_p, min_p, max_new_tokens, batch_size, generator, level,
-                                       keep_samples, learned_decoding)
+                                       keep_samples, learned_decoding, compiled)
                    for name, (task, problems, prompts) in prepared.items()}
     finally:
         model.train(was_training)

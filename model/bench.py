@@ -10,8 +10,9 @@ The two models are built from one set of weights (ours saved as a Hugging Face c
 transformers, SDPA attention), so their logits agree. The timed steps are interleaved (one step of each model in
 turn, --repeat rounds) and the median is reported, so that load from elsewhere on the machine slows both alike. The
 table gives tokens/s, the ratio ours / theirs (above 1 = ours faster) and the peak memory of one step above what was
-allocated before it (on CPU the resident-set high-water mark, as kernels/bench.py measures it). On CUDA it adds MFU
-(training, against --peak_tflops) and a torch.compile row for our training step.
+allocated before it (on CPU the resident-set high-water mark, as kernels/bench.py measures it). Decoding has a row
+for our compiled decoding (generate(compiled=True): Inductor, frozen weights; its compile time is printed apart). On
+CUDA it adds MFU (training, against --peak_tflops) and a torch.compile row for our training step.
 
 transformers is a test dependency (requirements-dev.txt), needed here only for the peer.
 
@@ -23,6 +24,7 @@ Commands (from the repository root):
 
 import argparse
 import tempfile
+import time
 from contextlib import nullcontext
 
 import torch
@@ -56,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5, help="timed rounds (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile row (CUDA)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile rows: our compiled decoding, and our compiled training step (CUDA)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU (H100/H200)")
     return p.parse_args(argv)
 
@@ -89,10 +92,10 @@ def training_step(model, optimizer, ids, autocast):
     return step
 
 
-def ours_decode(model, prompts, new_tokens, autocast):
+def ours_decode(model, prompts, new_tokens, autocast, compiled=False):
     def run():
         with autocast():
-            generate(model, prompts, new_tokens, temperature=0, eos_token_id=None)
+            generate(model, prompts, new_tokens, temperature=0, eos_token_id=None, compiled=compiled)
     return run
 
 
@@ -162,6 +165,12 @@ def main(argv=None):
             prompts = torch.randint(3, args.vocab_size, (batch, args.prompt_len), generator=g).tolist()
             steps = {"ours": ours_decode(ours.eval(), prompts, args.new_tokens, autocast),
                      "llama": theirs_decode(theirs.eval(), prompts, args.new_tokens, autocast)}
+            if args.compile:   # compiled decoding (model/generate.py); its compile time is printed, not timed
+                steps["ours compiled"] = ours_decode(ours, prompts, args.new_tokens, autocast, compiled=True)
+                start = time.perf_counter()
+                steps["ours compiled"]()
+                print(f"decode {dtype_name} B={batch}: compiling our decode step took "
+                      f"{time.perf_counter() - start:.0f} s (once per model, batch size and cache length)")
             results = measure(steps, device, args.warmup, args.repeat, "rss")
             rows += table_rows(f"decode {dtype_name} B={batch}", results, batch * args.new_tokens, None)
             ours.train()

@@ -141,9 +141,16 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.length = 0      # positions filled so far (the same for every row: padding is explicit)
         self.max_len = max_len
+        # Compiled decoding (model/generate.py) writes at a position held in a tensor [1] and attends over the whole
+        # cache, future positions masked out, so that every step has the same shapes. None: write after `length`.
+        self.write_at: torch.Tensor | None = None
 
     def update(self, layer: int, k, v):
         """Write new keys/values [B, nkv, T, hd] after the filled ones; return all keys/values so far [B, nkv, S, hd]."""
+        if self.write_at is not None:   # fixed shapes: write T = 1 position, return all max_len of them
+            self.keys[layer].index_copy_(2, self.write_at, k.to(self.keys[layer].dtype))
+            self.values[layer].index_copy_(2, self.write_at, v.to(self.values[layer].dtype))
+            return self.keys[layer].to(k.dtype), self.values[layer].to(v.dtype)
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, {end} needed")

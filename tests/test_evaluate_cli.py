@@ -208,6 +208,20 @@ def test_batched_greedy_answers_equal_one_at_a_time_generation(tiny_checkpoint, 
             assert row["id"] == problem.id and row["completion"] == tok.decode(alone)
 
 
+def test_evaluate_compile_flag_reaches_every_generate_call_and_the_settings(tmp_path, tiny_checkpoint, monkeypatch):
+    seen = []
+
+    def recording_generate(model, prompts, max_new_tokens, **kwargs):
+        seen.append(kwargs["compiled"])
+        return GenerationOutput(completions=[[5] for _ in prompts], finished=[True] * len(prompts))
+
+    monkeypatch.setattr(task_eval, "generate", recording_generate)
+    args = ["--model", tiny_checkpoint, "--tasks", "sort", "--num_samples", "5", "--batch_size", "2", "--device", "cpu"]
+    assert evaluate.main(args)["settings"]["compiled"] is False and seen == [False] * 3
+    seen.clear()
+    assert evaluate.main(args + ["--compile"])["settings"]["compiled"] is True and seen == [True] * 3
+
+
 @pytest.mark.slow
 def test_evaluate_with_adapter_answers_with_the_adapted_model(tmp_path, tiny_checkpoint, tokenizer):
     from minitrain.model.lora import LoRAConfig, apply_lora, lora_layers, save_adapter

@@ -239,7 +239,7 @@ def test_presets_match_their_family():
 
 
 @pytest.mark.slow
-def test_model_bench_compares_llama_of_the_same_weights(capsys):
+def test_model_bench_compares_llama_of_the_same_weights(capsys, monkeypatch):
     # model/bench.py: the peer is built from our weights (same logits), and every workload prints one row per model
     from minitrain.model import bench
     args = ["--hidden_size", "32", "--num_hidden_layers", "2", "--intermediate_size", "48", "--vocab_size", "101",
@@ -249,9 +249,19 @@ def test_model_bench_compares_llama_of_the_same_weights(capsys):
     ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
-    bench.main(args)
+    bench.main(args + ["--no-compile"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split(" | ")[0:2] for r in rows[1:]] == [
         [f"| {w}", m] for w in ("train fp32", "decode fp32 B=1", "decode fp32 B=8", "train bf16", "decode bf16 B=1",
                                 "decode bf16 B=8") for m in ("ours", "llama")]
     assert all(r.split(" | ")[3] == "1.00x" for r in rows[1:] if r.split(" | ")[1] == "llama")
+    # with compiled decoding (one compile here: one dtype, one batch size), its row and its compile time; Inductor's
+    # GEMM autotuning is left out to save time (tests/test_model.py checks the compiled tokens with it)
+    monkeypatch.setattr("minitrain.model.generate.compile_options", lambda device: {"freezing": True})
+    bench.main(args + ["--dtypes", "fp32", "--decode_batches", "2"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0:2] for r in rows[1:]] == [["| train fp32", "ours"], ["| train fp32", "llama"]] + \
+        [["| decode fp32 B=2", m] for m in ("ours", "llama", "ours compiled")]
+    assert "decode fp32 B=2: compiling our decode step took" in out
+    assert float(rows[-1].split(" | ")[2].replace(",", "")) > 0

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from minitrain.eval import chat
 from minitrain.model.checkpoint import load_model, load_tokenizer, save_checkpoint
 from minitrain.model.config import ConfigError, ModelConfig, load_model_config
-from minitrain.model.generate import apply_repetition_penalty, generate, seen_tokens
-from minitrain.model.transformer import CausalLM, load_balancing_loss
+from minitrain.model.generate import apply_repetition_penalty, decode_step, generate, seen_tokens
+from minitrain.model.transformer import CausalLM, KVCache, load_balancing_loss
 
 
 def tiny(**overrides):
@@ -62,6 +62,48 @@ def test_attention_without_gradients_reads_the_shared_kv_heads_in_place_with_the
         with torch.no_grad():
             in_place = model(ids, attention_mask=attention_mask).logits                 # enable_gqa
         assert torch.equal(in_place, copied.detach())
+
+
+def test_the_fixed_shape_decode_step_gives_the_logits_of_the_growing_cache():
+    # compiled decoding's step, uncompiled: it writes at cache.write_at and attends over the whole cache with the
+    # not-yet-generated positions masked out; the model's own step attends over the filled part only
+    model = tiny()
+    ids = torch.randint(3, 6400, (3, 7))
+    mask = (torch.arange(7) >= torch.tensor([[0], [3], [6]])).long()                     # left padding
+    growing, fixed = (KVCache(model.config, 3, 64, "cpu", torch.float32) for _ in range(2))
+    full_mask = torch.zeros(3, 64, dtype=torch.long)
+    full_mask[:, :7] = mask
+    with torch.no_grad():
+        model(ids, attention_mask=mask, kv_cache=growing)
+        model(ids, attention_mask=mask, kv_cache=fixed)
+        positions = mask.sum(-1, keepdim=True)                                           # [3, 1]
+        tokens = torch.tensor([[11], [12], [13]])
+        for step in range(5):
+            slot = 7 + step
+            full_mask[:, slot] = 1
+            fixed.write_at = torch.tensor([slot])
+            got = decode_step(model, tokens, positions + step, full_mask, fixed)        # [3, V]
+            want = model(tokens, attention_mask=full_mask[:, :slot + 1], position_ids=positions + step,
+                         kv_cache=growing).logits[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert got.abs().max() > 0.1                                                  # real logits, not zeros
+            tokens = want.argmax(-1, keepdim=True)
+
+
+@pytest.mark.slow   # two Inductor compiles, about a minute on 2 cores
+def test_compiled_decoding_equals_eager_and_follows_changed_weights():
+    model = tiny(tie_word_embeddings=False)      # an untied random head: varied tokens (a tied one repeats the last)
+    prompts = [[5, 6, 7, 8, 9], [100, 200], [42]]
+    eager = generate(model, prompts, max_new_tokens=12, temperature=0).completions
+    assert generate(model, prompts, max_new_tokens=12, temperature=0, compiled=True).completions == eager
+    with torch.no_grad():                          # an in-place change, as an optimizer step makes it
+        model.lm_head.weight.mul_(-1.0)
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    changed = generate(model, prompts, max_new_tokens=12, temperature=0).completions
+    assert changed != eager                        # so the check below can tell stale frozen weights apart
+    assert generate(model, prompts, max_new_tokens=12, temperature=0, compiled=True).completions == changed
+    with pytest.raises(ValueError, match="learned decoding"):
+        generate(model, prompts, 4, compiled=True, learned_decoding=True)
 
 
 def test_rows_stop_at_eos_independently_and_stream_every_token():

@@ -232,9 +232,9 @@ def test_chat_passes_its_sampling_flags_to_generate(tokenizer, tiny, calls, caps
     ids = tokenizer.chat_prompt_ids([{"role": "user", "content": "What is 2+3?"}])
     assert prompts == [ids]
     assert {k: kwargs[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                                   "eos_token_id", "pad_token_id")} == \
+                                   "eos_token_id", "pad_token_id", "compiled")} == \
         {"max_new_tokens": 6, "temperature": 0.9, "top_k": 50, "top_p": 0.8, "min_p": 0.05, "repetition_penalty": 1.3,
-         "eos_token_id": [tokenizer.eos_id, tokenizer.pad_id], "pad_token_id": tokenizer.pad_id}
+         "eos_token_id": [tokenizer.eos_id, tokenizer.pad_id], "pad_token_id": tokenizer.pad_id, "compiled": False}
     expected = generate(model, [ids], 6, temperature=0.9, top_k=50, top_p=0.8, min_p=0.05, repetition_penalty=1.3,
                         eos_token_id=[2, 0], generator=torch.Generator().manual_seed(7)).completions[0]
     assert out.completions[0] == expected and len(set(expected)) > 1
