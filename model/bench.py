@@ -168,9 +168,14 @@ def main(argv=None):
             if args.compile:   # compiled decoding (model/generate.py); its compile time is printed, not timed
                 steps["ours compiled"] = ours_decode(ours, prompts, args.new_tokens, autocast, compiled=True)
                 start = time.perf_counter()
-                steps["ours compiled"]()
-                print(f"decode {dtype_name} B={batch}: compiling our decode step took "
-                      f"{time.perf_counter() - start:.0f} s (once per model, batch size and cache length)")
+                with autocast():
+                    compiled = generate(ours, prompts, args.new_tokens, temperature=0, compiled=True).completions
+                seconds = time.perf_counter() - start
+                with autocast():
+                    same = compiled == generate(ours, prompts, args.new_tokens, temperature=0).completions
+                print(f"decode {dtype_name} B={batch}: compiling our decode step took {seconds:.0f} s (once per model, "
+                      f"batch size and cache length); its greedy tokens {'equal' if same else 'DIFFER FROM'} "
+                      f"the eager step's")
             results = measure(steps, device, args.warmup, args.repeat, "rss")
             rows += table_rows(f"decode {dtype_name} B={batch}", results, batch * args.new_tokens, None)
             ours.train()

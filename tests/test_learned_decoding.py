@@ -23,6 +23,7 @@ from minitrain.model.decoding_heads import (TEMPERATURE_FLOOR, DecodingHeads, He
                                             temperature_hinge_loss, top_p_target)
 from minitrain.model.generate import generate
 from minitrain.model.transformer import CausalLM
+from minitrain.trainer import train_sft
 from conftest import run_script
 
 LN10 = math.log(10.0)
@@ -321,7 +322,9 @@ def test_evaluate_compares_learned_decoding_with_fixed_temperature(heads_run, tm
 
 
 @pytest.mark.slow
-def test_bad_learned_decoding_flags_are_one_line_errors(trained_checkpoints, tmp_path):
+def test_bad_learned_decoding_flags_are_one_line_errors(trained_checkpoints, tmp_path, capsys):
+    # the flag checks run in this process (train_sft.main, as the script's entry point calls it: one stderr line,
+    # exit status 2); the evaluation's check runs as a real subprocess, so a traceback there would show
     base = ["--init_from", trained_checkpoints["sft"], "--report_to", "none"]
     cases = [(["--train_temp", "--temp_objective", "likelihood"], "--temp_objective must be analytic_min_p_hinge"),
              (["--goldilocks_filter"], "--goldilocks_filter needs --train_temp or --train_top_p"),
@@ -330,8 +333,11 @@ def test_bad_learned_decoding_flags_are_one_line_errors(trained_checkpoints, tmp
              (["--train_temp", "--goldilocks_easy_frac", "0.5", "--goldilocks_topk_frac", "0.9"],
               "must be at most 1")]
     for i, (flags, message) in enumerate(cases):
-        r = run_script("train_sft.py", *base, "--out_dir", str(tmp_path / str(i)), *flags)
-        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        with pytest.raises(SystemExit) as exit:
+            train_sft.main([*base, "--out_dir", str(tmp_path / str(i)), *flags])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / str(i)).exists()                  # nothing written before the error
     r = run_script("eval/evaluate.py", "--model", trained_checkpoints["sft"], "--tasks", "arithmetic",
                    "--learned_decoding")
     assert r.returncode == 2 and "has no decoding heads" in r.stderr and "Traceback" not in r.stderr
