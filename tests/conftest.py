@@ -24,7 +24,8 @@ def pytest_configure(config):
     folders would import under generic names, and kernels/ would hide Hugging Face's `kernels` package from
     transformers and peft."""
     spec = importlib.util.find_spec("kernels")
-    if spec is not None and spec.origin and Path(spec.origin).resolve().is_relative_to(REPO):
+    # REPO / "kernels", not REPO: a virtual environment inside the repository (.venv) holds Hugging Face's package
+    if spec is not None and spec.origin and Path(spec.origin).resolve().is_relative_to(REPO / "kernels"):
         pytest.exit(f"the repository root {REPO} is on sys.path, so kernels/ shadows Hugging Face's `kernels` "
                     "package: run the tests with `pytest tests` (not `pytest` from the root)", returncode=4)
 
