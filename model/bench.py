@@ -169,10 +169,11 @@ def main(argv=None):
                 steps["ours compiled"] = ours_decode(ours, prompts, args.new_tokens, autocast, compiled=True)
                 start = time.perf_counter()
                 with autocast():
-                    compiled = generate(ours, prompts, args.new_tokens, temperature=0, compiled=True).completions
+                    compiled_tokens = generate(ours, prompts, args.new_tokens, temperature=0, compiled=True)
                 seconds = time.perf_counter() - start
                 with autocast():
-                    same = compiled == generate(ours, prompts, args.new_tokens, temperature=0).completions
+                    same = compiled_tokens.completions == \
+                        generate(ours, prompts, args.new_tokens, temperature=0).completions
                 print(f"decode {dtype_name} B={batch}: compiling our decode step took {seconds:.0f} s (once per model, "
                       f"batch size and cache length); its greedy tokens {'equal' if same else 'DIFFER FROM'} "
                       f"the eager step's")

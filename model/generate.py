@@ -142,18 +142,16 @@ def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, tem
                            ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)
 
     input_ids = torch.full((B, P), pad_token_id, dtype=torch.long, device=device)   # [B, P] left-padded
-    attention_mask = torch.zeros(B, total, dtype=torch.long, device=device)         # [B, P + new]
+    # compiled decoding attends over a cache of fixed length: a power of two, so that few lengths are compiled
+    cache_len = max(MIN_CACHE, 1 << (total - 1).bit_length()) if compiled else total
+    attention_mask = torch.zeros(B, cache_len, dtype=torch.long, device=device)     # [B, P + new (+ unused)]
     for i, p in enumerate(prompts):
         input_ids[i, P - len(p):] = torch.tensor(p, device=device)
         attention_mask[i, P - len(p):P] = 1
     cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
         next(model.parameters()).dtype
-    cache_len = max(MIN_CACHE, 1 << (total - 1).bit_length()) if compiled else total
     cache = KVCache(model.config, B, cache_len, device, cache_dtype)
-    if compiled:
-        step_fn = compiled_decode_step(model)
-        full_mask = torch.zeros(B, cache_len, dtype=torch.long, device=device)  # [B, cache_len]: the step's mask
-        full_mask[:, :P] = attention_mask[:, :P]
+    step_fn = compiled_decode_step(model) if compiled else None
 
     was_training = model.training
     model.eval()
@@ -192,11 +190,12 @@ def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, tem
             seen.scatter_(1, next_tokens[:, None], True)
         attention_mask[:, P + step] = 1
         if compiled:                                                                 # the same, fixed shapes
-            full_mask[:, P + step] = 1
             cache.write_at = torch.tensor([P + step], device=device)
+            # Inductor reads these settings when it compiles (at a first call or a recompile): torch.compile's
+            # options= did not turn freezing on (measured: no gain), a config patch around the call does
             with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True), \
                     torch._inductor.config.patch(compile_options(device)):
-                logits = step_fn(next_tokens[:, None], next_position + step, full_mask, cache)  # [B, V]
+                logits = step_fn(next_tokens[:, None], next_position + step, attention_mask, cache)  # [B, V]
             out = CausalLMOutput(logits=logits[:, None])
         else:
             out = model(next_tokens[:, None], attention_mask=attention_mask[:, :P + step + 1],
