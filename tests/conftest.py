@@ -81,6 +81,23 @@ def pytest_collection_modifyitems(config, items):
     items[:] = [item for path in sorted(files, key=rank) for item in files[path]]
 
 
+def script_error(main, argv: list[str], capsys) -> str:
+    """The error a training script's main(argv) reports in this process: SystemExit 2 and one `error: ...` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def cli_error(cli, argv: list[str], capsys) -> str:
+    """The error an eval script's cli(argv) reports: exit status 2 and one `error: ...` line on stderr."""
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 def shared_dir(tmp_path_factory, name: str) -> Path:
     """A directory every xdist worker of this run shares (guard it with FileLock(str(dir) + ".lock"))."""
     if os.environ.get("PYTEST_XDIST_WORKER"):         # one directory for all workers of this run

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import REPO, run_script, script_error
 from minitrain.dataset.chat import tokenize_conversation
 from minitrain.eval.tasks import get_task, score_row, training_seed
 from minitrain.model.checkpoint import load_tokenizer, save_checkpoint
@@ -339,27 +339,19 @@ def random_teachers(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 def test_bad_input_is_a_one_line_error(random_teachers, capsys, tmp_path):
     flags = ["--out_dir", str(tmp_path / "x"), "--report_to", "none", "--eval_tasks", ""]
-    assert "--teacher is required" in one_line_error(capsys, flags)
-    err = one_line_error(capsys, [*flags, "--teacher", str(tmp_path / "missing")])
+    assert "--teacher is required" in script_error(main, flags, capsys)
+    err = script_error(main, [*flags, "--teacher", str(tmp_path / "missing")], capsys)
     assert "--teacher" in err and "model directory not found" in err
     student = ["--init_from", random_teachers["same"], *flags]
-    err = one_line_error(capsys, [*student, "--teacher", random_teachers["other_tokenizer"]])
+    err = script_error(main, [*student, "--teacher", random_teachers["other_tokenizer"]], capsys)
     assert "its tokenizer differs" in err
-    err = one_line_error(capsys, [*student, "--teacher", random_teachers["wide_vocab"]])
+    err = script_error(main, [*student, "--teacher", random_teachers["wide_vocab"]], capsys)
     assert "vocab_size 6464 differs from the student's 6400" in err
     teacher = ["--teacher", random_teachers["same"], *flags]
-    assert "--alpha must be in [0, 1]" in one_line_error(capsys, [*teacher, "--alpha", "1.5"])
-    assert "--lmbda needs --data_phase sft" in one_line_error(capsys, [*teacher, "--lmbda", "0.5", "--data_phase",
-                                                                       "pretrain"])
-    assert "--distill_loss" in one_line_error(capsys, [*teacher, "--distill_loss", "kl"])
-    assert "max_position_embeddings" in one_line_error(capsys, [*teacher, "--max_seq_len", "2048"])
+    assert "--alpha must be in [0, 1]" in script_error(main, [*teacher, "--alpha", "1.5"], capsys)
+    assert "--lmbda needs --data_phase sft" in script_error(main, [*teacher, "--lmbda", "0.5", "--data_phase",
+                                                                 "pretrain"], capsys)
+    assert "--distill_loss" in script_error(main, [*teacher, "--distill_loss", "kl"], capsys)
+    assert "max_position_embeddings" in script_error(main, [*teacher, "--max_seq_len", "2048"], capsys)

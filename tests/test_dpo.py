@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, script_error
 
 from minitrain.dataset.embedded import ensure_embedded_data
 from minitrain.dataset.formats import normalize_preference
@@ -418,36 +418,28 @@ def test_make_pairs_output_trains_and_a_resumed_run_repeats_it(trained_checkpoin
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
 
-def one_line_error(capsys, main, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 @pytest.mark.slow
 def test_bad_input_is_one_line_with_exit_2_before_training(trained_checkpoints, tmp_path, capsys):
     base = ["--init_from", trained_checkpoints["sft"], "--report_to", "none", "--prepared_dir",
             str(tmp_path / "prepared")]
     dpo = train_dpo.main
-    assert "--loss_type unknown loss 'dpo'" in one_line_error(capsys, dpo, base + ["--loss_type", "dpo"])
+    assert "--loss_type unknown loss 'dpo'" in script_error(dpo, base + ["--loss_type", "dpo"], capsys)
     assert "--loss_type has 2 losses but --loss_weights has 1" in \
-        one_line_error(capsys, dpo, base + ["--loss_type", "sigmoid,sft", "--loss_weights", "1"])
-    assert "alternatives" in one_line_error(capsys, dpo, base + ["--reference_free", "--precompute_ref_logps"])
+        script_error(dpo, base + ["--loss_type", "sigmoid,sft", "--loss_weights", "1"], capsys)
+    assert "alternatives" in script_error(dpo, base + ["--reference_free", "--precompute_ref_logps"], capsys)
     assert "--beta_filter_keep filters pairs under --beta_mode beta_dpo only" in \
-        one_line_error(capsys, dpo, base + ["--beta_filter_keep", "0.5"])
+        script_error(dpo, base + ["--beta_filter_keep", "0.5"], capsys)
     assert "--label_smoothing applies to the sigmoid loss only" in \
-        one_line_error(capsys, dpo, base + ["--loss_type", "ipo", "--label_smoothing", "0.1"])
+        script_error(dpo, base + ["--loss_type", "ipo", "--label_smoothing", "0.1"], capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n" +
                    json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
-    err = one_line_error(capsys, dpo, base + ["--data_path", str(bad), "--out_dir", str(tmp_path / "a")])
+    err = script_error(dpo, base + ["--data_path", str(bad), "--out_dir", str(tmp_path / "a")], capsys)
     assert f"{bad}: 1 of 2 rows" in err and "line 2: field 'rejected' is missing" in err
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
-    err = one_line_error(capsys, make_pairs.main, ["--samples_per_prompt", "1"])
+    err = script_error(make_pairs.main, ["--samples_per_prompt", "1"], capsys)
     assert "--samples_per_prompt must be at least 2" in err
-    err = one_line_error(capsys, make_pairs.main, ["--reward_funcs", "no_such_reward"])
+    err = script_error(make_pairs.main, ["--reward_funcs", "no_such_reward"], capsys)
     assert "--reward_funcs" in err and "no_such_reward" in err
     # and as users run it: a subprocess, one line, no traceback
     r = run_script("train_dpo.py", "--init_from", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "b"))

@@ -25,6 +25,7 @@ from minitrain.model.checkpoint import load_model, load_tokenizer, save_checkpoi
 from minitrain.model.config import load_model_config
 from minitrain.model.generate import GenerationOutput, generate
 from minitrain.model.transformer import CausalLM
+from conftest import cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"accuracy", "num_samples", "ci80", "mean", "std", "median", "success_rate"}
@@ -280,14 +281,6 @@ def test_evaluate_bad_input_is_one_line_exit_2(tmp_path, tiny_checkpoint):
     assert not (tmp_path / "no").exists()
 
 
-def one_line_error(cli, argv: list[str], capsys) -> str:
-    """The error a script's cli() reports for argv: exit status 2 and one `error: ...` line on stderr."""
-    assert cli(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_evaluate_bad_model_dir_and_output_paths(tmp_path, tiny_checkpoint, capsys):
     def broken(name: str, change) -> str:
         path = tmp_path / name
@@ -309,7 +302,7 @@ def test_evaluate_bad_model_dir_and_output_paths(tmp_path, tiny_checkpoint, caps
         (broken("notokenizer", lambda p: (p / "tokenizer.json").unlink()), ["notokenizer/tokenizer.json"]),
     ]
     for model, messages in cases:
-        err = one_line_error(evaluate.cli, ["--model", model, "--tasks", "sat", "--num_samples", "1",
+        err = cli_error(evaluate.cli, ["--model", model, "--tasks", "sat", "--num_samples", "1",
                                             "--device", "cpu"], capsys)
         assert all(m in err for m in messages), err
     run = ["--model", tiny_checkpoint, "--device", "cpu", "--num_samples", "2", "--max_new_tokens", "2"]
@@ -320,7 +313,7 @@ def test_evaluate_bad_model_dir_and_output_paths(tmp_path, tiny_checkpoint, caps
         (["--tasks", "sort:length=2:max_value=1"],             # 4 possible questions, none of them held out
          "--tasks: task sort:length=2:max_value=1: could not draw 2 problems of the held-out partition"),
     ]:
-        assert message in one_line_error(evaluate.cli, run + extra, capsys)
+        assert message in cli_error(evaluate.cli, run + extra, capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,7 +403,7 @@ def test_compare_bad_input(tmp_path, capsys):
         ("nan.json", {"tasks": {"sat": {"accuracy": 0.5, "ci80": [math.nan, 0.9]}}}, "field 'tasks.sat.ci80'"),
     ]:
         (tmp_path / name).write_text(json.dumps({**json.loads(Path(good).read_text()), **change}))
-        assert f"{name}: {message}" in one_line_error(compare.cli, [good, str(tmp_path / name)], capsys)
-    assert f"{tmp_path}: is a directory" in one_line_error(compare.cli, [good, str(tmp_path)], capsys)
-    assert "--json" in one_line_error(compare.cli, [good, good, "--names", "a,b", "--json", str(tmp_path)], capsys)
+        assert f"{name}: {message}" in cli_error(compare.cli, [good, str(tmp_path / name)], capsys)
+    assert f"{tmp_path}: is a directory" in cli_error(compare.cli, [good, str(tmp_path)], capsys)
+    assert "--json" in cli_error(compare.cli, [good, good, "--names", "a,b", "--json", str(tmp_path)], capsys)
     assert compare.cli([good, good, "--names", "a,b"]) == 0

@@ -24,7 +24,7 @@ from minitrain.model.decoding_heads import (TEMPERATURE_FLOOR, DecodingHeads, He
 from minitrain.model.generate import generate
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer import train_sft
-from conftest import run_script
+from conftest import run_script, script_error
 
 LN10 = math.log(10.0)
 
@@ -333,10 +333,7 @@ def test_bad_learned_decoding_flags_are_one_line_errors(trained_checkpoints, tmp
              (["--train_temp", "--goldilocks_easy_frac", "0.5", "--goldilocks_topk_frac", "0.9"],
               "must be at most 1")]
     for i, (flags, message) in enumerate(cases):
-        with pytest.raises(SystemExit) as exit:
-            train_sft.main([*base, "--out_dir", str(tmp_path / str(i)), *flags])
-        err = capsys.readouterr().err
-        assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert message in script_error(train_sft.main, [*base, "--out_dir", str(tmp_path / str(i)), *flags], capsys)
         assert not (tmp_path / str(i)).exists()                  # nothing written before the error
     r = run_script("eval/evaluate.py", "--model", trained_checkpoints["sft"], "--tasks", "arithmetic",
                    "--learned_decoding")

@@ -17,6 +17,7 @@ from minitrain.model.checkpoint import load_model, load_tokenizer, save_checkpoi
 from minitrain.model.config import ConfigError, ModelConfig, load_model_config
 from minitrain.model.generate import apply_repetition_penalty, decode_step, generate, seen_tokens
 from minitrain.model.transformer import CausalLM, KVCache, load_balancing_loss
+from conftest import cli_error
 
 
 def tiny(**overrides):
@@ -265,18 +266,10 @@ def run_chat(*args):
     return subprocess.run([sys.executable, "eval/chat.py", *args], capture_output=True, text=True, timeout=120)
 
 
-def one_line_error(cli, argv: list[str], capsys) -> str:
-    """The error a script's cli() reports for argv: exit status 2 and one `error: ...` line on stderr."""
-    assert cli(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.slow
 def test_cli_bad_model_dirs_exit_2_with_one_line(tmp_path, capsys):
     def chat_error(model):
-        return one_line_error(chat.cli, ["--model", str(model), "--prompt", "hi", "--device", "cpu"], capsys)
+        return cli_error(chat.cli, ["--model", str(model), "--prompt", "hi", "--device", "cpu"], capsys)
 
     assert "model directory not found" in chat_error(tmp_path / "missing")
     assert "Hub name" in chat_error("Qwen/Qwen3-0.6B")

@@ -22,6 +22,7 @@ from minitrain.model.config import load_model_config
 from minitrain.model.generate import generate
 from minitrain.model.lora import LoRAConfig, apply_lora, save_adapter
 from minitrain.model.transformer import CausalLM
+from conftest import cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["The quick brown fox jumps over the lazy dog, then naps in the sun for a while.",
@@ -69,14 +70,6 @@ def texts_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "texts.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     return str(path)
-
-
-def one_line_error(cli, argv: list[str], capsys) -> str:
-    """The error a script's cli() reports for argv: exit status 2 and one `error: ...` line on stderr."""
-    assert cli(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,7 +169,7 @@ def test_perplexity_bad_input_is_one_line(tiny, texts_jsonl, broken_models, tmp_
     _, path = tiny
     run = ["--data_path", texts_jsonl, "--device", "cpu"]
     for model, message in broken_models:
-        assert message in one_line_error(perplexity.cli, ["--model", model] + run, capsys)
+        assert message in cli_error(perplexity.cli, ["--model", model] + run, capsys)
     cases = [
         (["--model", path] + run[:2] + ["--device", "nonsense"], "--device nonsense: not a device"),
         (["--model", path] + run[:2] + ["--device", "meta"], "--device meta: only cpu, cuda[:N] and mps"),
@@ -194,7 +187,7 @@ def test_perplexity_bad_input_is_one_line(tiny, texts_jsonl, broken_models, tmp_
     (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"txt": "no text"}\n')
     cases.append((["--model", path, "--data_path", str(tmp_path / "rows.jsonl")], "rows.jsonl: line 2"))
     for argv, message in cases:
-        assert message in one_line_error(perplexity.cli, argv, capsys)
+        assert message in cli_error(perplexity.cli, argv, capsys)
 
 
 @pytest.mark.slow
@@ -311,7 +304,7 @@ def test_chat_banner_gives_total_and_active_parameters(tokenizer, tmp_path, monk
 def test_chat_bad_input_is_one_line(tiny, broken_models, tmp_path, capsys):
     _, path = tiny
     for model, message in broken_models:
-        assert message in one_line_error(chat.cli, ["--model", model, "--prompt", "hi", "--device", "cpu"], capsys)
+        assert message in cli_error(chat.cli, ["--model", model, "--prompt", "hi", "--device", "cpu"], capsys)
     run = ["--model", path, "--prompt", "hi"]
     cases = [
         (run + ["--device", "nonsense"], "--device nonsense: not a device"),
@@ -331,4 +324,4 @@ def test_chat_bad_input_is_one_line(tiny, broken_models, tmp_path, capsys):
     if not torch.cuda.is_available():
         cases.append((run + ["--device", "cuda"], "--device cuda: CUDA is not available on this machine"))
     for argv, message in cases:
-        assert message in one_line_error(chat.cli, argv, capsys)
+        assert message in cli_error(chat.cli, argv, capsys)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_prepared
+from conftest import copy_prepared, script_error
 from minitrain.model.checkpoint import load_model
 from minitrain.trainer import train_midtrain, train_pretrain
 
@@ -146,29 +146,20 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
     return r.stderr
 
 
-def in_process_error(main, argv: list[str], capsys) -> str:
-    """The one stderr line and exit status 2 of a script's main(argv), called in this process (no interpreter start)."""
-    with pytest.raises(SystemExit) as exit:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    return err
-
-
 def test_bad_input_is_one_line_with_exit_2_before_training(tmp_path, capsys):
     # the first case runs the script as a subprocess (a traceback would show on its stderr), the others call main()
     missing = tmp_path / "no_such_checkpoint"
     err = one_line_error(run(["--init_from", str(missing), "--out_dir", str(tmp_path / "a"), "--report_to", "none"]))
     assert f"error: {missing}: model directory not found" in err
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
-    err = in_process_error(train_midtrain.main, ["--init_from", str(missing), "--out_dir", str(tmp_path / "b")],
+    err = script_error(train_midtrain.main, ["--init_from", str(missing), "--out_dir", str(tmp_path / "b")],
                            capsys)
     assert "model directory not found" in err
-    err = in_process_error(train_midtrain.main, ["--out_dir", str(tmp_path / "c")], capsys)
+    err = script_error(train_midtrain.main, ["--out_dir", str(tmp_path / "c")], capsys)
     assert "--init_from is required" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("batch_size: 4\nlearning_rate: fast\n")
-    err = in_process_error(train_pretrain.main, ["--config", str(bad)], capsys)
+    err = script_error(train_pretrain.main, ["--config", str(bad)], capsys)
     assert f"{bad}: line 2: key 'learning_rate' must be float, got 'fast'" in err
-    err = in_process_error(train_pretrain.main, ["--out_dir", str(tmp_path / "d"), "--resume"], capsys)
+    err = script_error(train_pretrain.main, ["--out_dir", str(tmp_path / "d"), "--resume"], capsys)
     assert "--resume" in err and "latest not found" in err
