@@ -12,6 +12,7 @@ import pytest
 from minitrain.dataset.embedded import TASK_MIX, ensure_embedded_data
 from minitrain.eval.tasks import (EVAL_SEED, TASK_NAMES, TRAIN_SEED_BASE, Problem, ProblemSpaceError, extract_answer,
                                   format_response, get_task, is_held_out, is_training_seed, score_row, training_seed)
+from minitrain.eval.tasks.arithmetic import column_steps
 from minitrain.eval.tasks.sat import THRESHOLDS, evaluate_formula, satisfying_set
 
 EVAL_SPECS = sorted(set(TASK_NAMES) | {spec for spec, _ in TASK_MIX})   # every spec training data uses, + defaults
@@ -71,9 +72,39 @@ def test_arithmetic_levels_are_what_they_claim_and_reference_is_right(level):
             assert "(" in expression and len(operands) in (3, 4)
         response = task.reference_response(p)
         assert task.score(p, response) == 1.0
-        think = re.fullmatch(r"<think>(.+)</think>\n<answer>(.+)</answer>", response)
-        steps = think.group(1).split("=")
-        assert steps[-1] == p.answer and all(eval(s) == int(p.answer) for s in steps)   # every step is the same value
+        think = re.fullmatch(r"<think>(.+)</think>\n<answer>(.+)</answer>", response).group(1)
+        if level in (1, 4):
+            steps = think.split("=")
+            assert steps[-1] == p.answer and all(eval(s) == int(p.answer) for s in steps)   # every step: one value
+        else:
+            # columns: "ones=value,tens=value,answer"; each column's sum is true, and the ones column works on the
+            # ones digits of the operands (the two-digit ones at level 3), the tens column on their tens digits
+            *columns, last = think.split(",")
+            assert last == p.answer and len(columns) == 2
+            for column in columns:
+                left, right = column.split("=")
+                assert eval(left) == int(right)
+            two_digit = [x for x in operands if x >= 10]
+            ones_digits = re.findall(r"\d+", columns[0].split("=")[0])
+            assert {int(d) % 10 for d in ones_digits} >= {x % 10 for x in two_digit}
+            assert columns[1].startswith(str(two_digit[0] // 10))
+
+
+def test_arithmetic_columns_carry_and_borrow_as_on_paper():
+    assert column_steps(52, "+", 39) == "2+9=11,5+3+1=9,91"
+    assert column_steps(52, "+", 31) == "2+1=3,5+3=8,83"
+    assert column_steps(75, "+", 48) == "5+8=13,7+4+1=12,123"
+    assert column_steps(52, "-", 39) == "12-9=3,5-1-3=1,13"
+    assert column_steps(52, "-", 47) == "12-7=5,5-1-4=0,5"
+    assert column_steps(98, "-", 26) == "8-6=2,9-2=7,72"
+    assert column_steps(23, "*", 7) == "3*7=21,2*7+2=16,161"
+    assert column_steps(7, "*", 23) == "3*7=21,2*7+2=16,161"      # the two-digit factor is always the columns'
+    assert column_steps(31, "*", 3) == "1*3=3,3*3=9,93"
+    task = get_task("arithmetic:level=2")
+    problem = next(p for p in task.make_problems(50, training_seed(0)) if "+" in p.question)
+    near_miss = task.wrong_response(problem, random.Random(0))
+    assert near_miss.rsplit(",", 1)[0] == task.reference_response(problem).rsplit(",", 1)[0]   # same columns
+    assert task.score(problem, near_miss) == 0.0
 
 
 def test_arithmetic_checker_rejects_near_misses_and_malformed_output():

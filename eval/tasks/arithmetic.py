@@ -1,22 +1,28 @@
 """Integer arithmetic in four difficulty levels.
 
     level 1   one-digit + and -            What is 7 - 3?           <think>7-3=4</think>\\n<answer>4</answer>
-    level 2   two-digit + and -            What is 52 + 39?         <think>52+39=91</think>\\n<answer>91</answer>
-    level 3   two-digit * one-digit        What is 23 * 7?          <think>23*7=161</think>\\n<answer>161</answer>
+    level 2   two-digit + and -            What is 52 + 39?         <think>2+9=11,5+3+1=9,91</think>\\n<answer>91</answer>
+    level 3   two-digit * one-digit        What is 23 * 7?          <think>3*7=21,2*7+2=16,161</think>\\n<answer>161</answer>
     level 4   three or four one-digit operands with + - * and parentheses
                                            What is (3 + 4) * 5?     <think>(3+4)*5=7*5=35</think>\\n<answer>35</answer>
     level 0   (the default) each problem draws its level uniformly from 1-4
 
 Subtraction in levels 1 and 2 never goes below zero (the larger operand comes first); level 4 can be negative.
-The think part reduces the expression one operation at a time (innermost parentheses first, then left to right),
-written without spaces to stay short: with the shipped tokenizer (one token per digit and per tag) a response is
-~18 tokens on average and under 40 at level 4.
+At levels 2 and 3 the think part works in columns, as on paper: the ones digits first, then the tens with the carry
+(or the borrow), then the answer read off the results (column_steps). At level 4 it reduces the expression one
+operation at a time (innermost parentheses first, then left to right). Both are written without spaces to stay short:
+with the shipped tokenizer (one token per digit and per tag) a response is ~25 tokens on average and under 40.
+The columns are what makes levels 2 and 3 learnable for a small model: writing "52+39=91" at once asks it to know
+the ones column's carry before it writes the tens digit. Trained from scratch on the same 60,000 arithmetic chats
+for 600 steps (the mini model, 2.5M tokens), held-out accuracy was 0.058 at level 2 and 0.053 at level 3 with the
+answer at once, 0.432 and 0.138 with the columns (README "Results").
 Level 1 has only 155 distinct problems, of which 12 fall in the held-out partition (eval/tasks/base.py), and level 3
 has 1440, of which 152 are held out: an evaluation (distinct problems) of those levels uses all of them, once each.
 The answer is an integer, compared as an integer ("042" and "+42" equal 42; "42.0" and "42 apples" score 0).
 """
 
 import random
+import re
 
 from minitrain.eval.tasks.base import Problem, Task, format_response, parse_integer
 
@@ -71,6 +77,28 @@ def reduction_steps(expr) -> list[str]:
     return steps
 
 
+def column_steps(a: int, op: str, b: int) -> str:
+    """Paper arithmetic, one column at a time, for two-digit a + b, a - b (a >= b) and a * b (one of them one-digit):
+
+        52+39   "2+9=11,5+3+1=9,91"      ones (carry 1), tens plus the carry, then the answer
+        52-39   "12-9=3,5-1-3=1,13"      the ones borrow ten, so the tens lose 1
+        23*7    "3*7=21,2*7+2=16,161"    ones times 7 (carry 2), tens times 7 plus the carry
+    """
+    if op == "*":
+        a, b = (a, b) if a >= 10 else (b, a)          # a is the two-digit factor
+        ones = (a % 10) * b
+        carry = ones // 10
+        tens = (a // 10) * b + carry
+        return f"{a % 10}*{b}={ones}," + f"{a // 10}*{b}" + (f"+{carry}" if carry else "") + f"={tens},{a * b}"
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    if op == "+":
+        carry = (a0 + b0) // 10
+        return f"{a0}+{b0}={a0 + b0}," + f"{a1}+{b1}" + ("+1" if carry else "") + f"={a1 + b1 + carry},{a + b}"
+    borrow = int(a0 < b0)
+    ones = f"1{a0}-{b0}={10 + a0 - b0}" if borrow else f"{a0}-{b0}={a0 - b0}"
+    return ones + "," + f"{a1}" + ("-1" if borrow else "") + f"-{b1}={a1 - borrow - b1},{a - b}"
+
+
 def random_tree(rng: random.Random, leaves: int):
     if leaves == 1:
         return rng.randint(1, 9)
@@ -109,12 +137,22 @@ class ArithmeticTask(Task):
         return Problem(task=self.name, id="", question=f"What is {render(expr, spaced=True)}?",
                        answer=str(evaluate(expr)), meta={"level": level, "steps": reduction_steps(expr)})
 
+    def think(self, problem: Problem) -> str:
+        """Columns at levels 2 and 3 (column_steps), the reduction steps joined by "=" otherwise."""
+        if problem.meta["level"] in (2, 3):
+            a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", problem.meta["steps"][0]).groups()
+            return column_steps(int(a), op, int(b))
+        return "=".join(problem.meta["steps"])
+
     def reference_response(self, problem: Problem) -> str:
-        return format_response("=".join(problem.meta["steps"]), problem.answer)
+        return format_response(self.think(problem), problem.answer)
 
     def wrong_response(self, problem: Problem, rng: random.Random) -> str:
+        """The same reasoning with a wrong last value: a near miss by -10, -2, -1, 1, 2 or 10."""
         wrong = int(problem.answer) + rng.choice((-10, -2, -1, 1, 2, 10))
-        return format_response("=".join(problem.meta["steps"][:-1] + [str(wrong)]), str(wrong))
+        think = self.think(problem)
+        last = max(think.rfind("="), think.rfind(","))
+        return format_response(think[:last + 1] + str(wrong), str(wrong))
 
     def statement(self, problem: Problem) -> str:
         return f"{problem.question[len('What is '):-1]} = {problem.answer}."
