@@ -32,9 +32,9 @@ from minitrain.trainer import make_pairs, train_dpo
 from minitrain.trainer.distributed import DistInfo
 from minitrain.trainer.sequences import (cached_reference_logps, compute_reference_logps, live_reference_logps,
                                          reference_cache_path, reference_fingerprint)
-from minitrain.trainer.train_dpo import (BetaTracker, DPOConfig, beta_dpo_beta, filter_pairs, gap_weights, hinge_loss,
-                                         ipo_loss, pair_losses, quantile_update, risk_beta, rpo_loss, sequence_logps,
-                                         sft_loss, sigmoid_loss)
+from minitrain.trainer.train_dpo import (BetaTracker, DPOConfig, beta_dpo_beta, dpop_loss, filter_pairs, gap_weights,
+                                         hinge_loss, ipo_loss, pair_losses, quantile_update, risk_beta, rpo_loss,
+                                         sequence_logps, sft_loss, sigmoid_loss)
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_RANKS_TOLERANCE = 1e-4      # logged losses of 2 ranks vs 1 rank with 2x accumulation (float summation order)
@@ -70,6 +70,11 @@ def test_each_loss_equals_its_formula():
     eps = 0.1
     expected = [-(1 - eps) * math.log(sigmoid(beta * h)) - eps * math.log(sigmoid(-beta * h)) for h in H]
     assert torch.allclose(sigmoid_loss(*args, beta, label_smoothing=eps), T(expected))
+    # DPOP: -log sigmoid(beta (h - lam max(0, rc - pc))); pair 0's chosen rose above the reference (-3 > -3.5): no
+    # penalty, plain DPO; pair 1's fell by 1 (-5 < -4): h - 50 * 1 = -51.5
+    assert torch.allclose(dpop_loss(*args, beta, 50.0), T([-math.log(sigmoid(beta * 1.5)),
+                                                           -math.log(sigmoid(beta * -51.5))]))
+    assert torch.allclose(dpop_loss(*args, beta, 0.0), sigmoid_loss(*args, beta))      # lambda 0 is DPO
     # IPO: (h - 1 / (2 beta))^2 = (1.5 - 1)^2, (-1.5 - 1)^2
     assert torch.allclose(ipo_loss(*args, beta), T([0.25, 6.25]))
     # hinge: max(0, 1 - beta h) = max(0, 0.25), max(0, 1.75)
@@ -431,6 +436,8 @@ def test_bad_input_is_one_line_with_exit_2_before_training(trained_checkpoints, 
         script_error(dpo, base + ["--beta_filter_keep", "0.5"], capsys)
     assert "--label_smoothing applies to the sigmoid loss only" in \
         script_error(dpo, base + ["--loss_type", "ipo", "--label_smoothing", "0.1"], capsys)
+    assert "--dpop_lambda must be a non-negative number, got -1.0" in \
+        script_error(dpo, base + ["--loss_type", "dpop", "--dpop_lambda", "-1"], capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n" +
                    json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")

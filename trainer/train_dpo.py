@@ -72,7 +72,7 @@ from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig,
 from minitrain.trainer.distributed import print0
 from minitrain.trainer.sharding import full_weights
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sft", "rpo")
+LOSS_TYPES = ("sigmoid", "dpop", "ipo", "hinge", "sft", "rpo")
 BETA_MODES = ("fixed", "beta_dpo", "risk")
 
 
@@ -97,6 +97,7 @@ class DPOConfig(TrainConfig):
     # ---- objective ----
     loss_type: str = field(default="sigmoid", metadata={
         "help": "comma-separated losses, summed with --loss_weights: sigmoid (DPO; cDPO with --label_smoothing), "
+                "dpop (DPO-Positive: DPO that also penalises a fall of the chosen answer's log-prob, --dpop_lambda), "
                 "ipo (on LENGTH-AVERAGED log-ratios, as TRL; the paper's IPO sums them over the answer's tokens), "
                 "hinge (SLiC), sft (NLL of the chosen answers, one token mean over the micro-batch, as TRL's), "
                 "rpo (NLL of each chosen answer as its own token mean, then the mean over pairs, as RPO)"})
@@ -105,6 +106,9 @@ class DPOConfig(TrainConfig):
                                                        "implicit rewards are beta * log-ratio)"})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "cDPO's epsilon, the assumed probability that a pair's labels are flipped (sigmoid loss only)"})
+    dpop_lambda: float = field(default=50.0, metadata={
+        "help": "DPOP's lambda: weight of max(0, log pi_ref(chosen) - log pi(chosen)) inside the sigmoid (the "
+                "paper's 50)"})
     # ---- reference (--precompute_ref_logps is an extension, below train()) ----
     reference_free: bool = field(default=False, metadata={"help": "no reference: its log-probs are taken as 0"})
     precompute_ref_logps: bool = field(default=False, metadata={
@@ -147,6 +151,8 @@ class DPOConfig(TrainConfig):
                 raise FlagError(name, f"must be a positive number, got {getattr(self, name)}")
         if self.beta_min > self.beta_max:
             raise FlagError("beta_min", f"must not exceed --beta_max ({self.beta_min} > {self.beta_max})")
+        if not (self.dpop_lambda >= 0 and math.isfinite(self.dpop_lambda)):
+            raise FlagError("dpop_lambda", f"must be a non-negative number, got {self.dpop_lambda}")
         if not 0 <= self.label_smoothing < 0.5:
             raise FlagError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and "sigmoid" not in parse_losses(self.loss_type, self.loss_weights)[0]:
@@ -206,6 +212,15 @@ def sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing: float = 0.0) -> torch.Te
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
+def dpop_loss(pc, pr, rc, rr, beta, lam: float) -> torch.Tensor:
+    """DPO-Positive (Pal et al. 2024, "Smaug", arXiv 2402.13228): -log σ(β (h - λ max(0, rc - pc))).
+
+    When the chosen and rejected answers differ in a few tokens (one digit of an arithmetic answer), plain DPO can
+    raise h while the chosen answer's own probability falls; the penalty is zero while log pi(chosen) stays at or
+    above the reference's, and counts λ times against the gap once it falls below."""
+    return -F.logsigmoid(beta * (implicit_gap(pc, pr, rc, rr) - lam * torch.relu(rc - pc)))
+
+
 def ipo_loss(pc, pr, rc, rr, beta) -> torch.Tensor:
     """IPO (Azar et al. 2023, arXiv 2310.12036): (h - 1 / (2β))^2, a squared loss that regresses the gap to a
     finite target instead of pushing it to infinity. The trainer passes LENGTH-AVERAGED log-probs here (each sum
@@ -234,7 +249,7 @@ def rpo_loss(pc: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def pair_losses(names: list[str], weights: list[float], logps: dict[str, torch.Tensor], beta,
-                label_smoothing: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                label_smoothing: float, dpop_lambda: float = 50.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_k w_k loss_k per pair ([B]) and each loss_k ([B], for logging).
 
     logps holds pc, pr, rc, rr (sums over answer tokens) and nc, nr (the answers' token counts).
@@ -244,6 +259,8 @@ def pair_losses(names: list[str], weights: list[float], logps: dict[str, torch.T
     for name in names:
         if name == "sigmoid":
             parts[name] = sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing)
+        elif name == "dpop":
+            parts[name] = dpop_loss(pc, pr, rc, rr, beta, dpop_lambda)
         elif name == "ipo":
             parts[name] = ipo_loss(pc / nc, pr / nr, rc / nc, rr / nr, beta)
         elif name == "hinge":
@@ -323,7 +340,7 @@ def evaluate_preferences(model, reference: Reference, dataset: PreferenceDataset
             with amp:
                 sums, tokens = sequence_logps(raw, batch)
             logps = split_logps(sums, tokens, reference.logps(raw, batch, amp))
-            loss, _ = pair_losses(names, weights, logps, cfg.beta, cfg.label_smoothing)
+            loss, _ = pair_losses(names, weights, logps, cfg.beta, cfg.label_smoothing, cfg.dpop_lambda)
             metrics = {"loss": loss, **pair_metrics(logps, cfg.beta)}
             totals[:-1] += torch.stack([metrics[k].double().sum() for k in keys])
             totals[-1] += len(indices)
@@ -440,7 +457,8 @@ def train(cfg: DPOConfig) -> None:
                     policy_sums, tokens = sequence_logps(train_model, batch)         # [2B], one forward of [2B, T]
                 logps = split_logps(policy_sums, tokens, reference.logps(train_model, batch, amp))
                 if cfg.beta_mode == "fixed":    # the mean over the B pairs (DDP averages the ranks: the global mean)
-                    per_pair, parts = pair_losses(names, weights, logps, cfg.beta, cfg.label_smoothing)   # [B]
+                    per_pair, parts = pair_losses(names, weights, logps, cfg.beta, cfg.label_smoothing,   # [B]
+                                                  cfg.dpop_lambda)
                     loss, beta = per_pair.sum() / len(indices), beta0
                 else:                           # an extension, below: beta (and the pairs kept) from the gaps
                     loss, parts, beta = dynamic_beta_loss(tracker, logps, names, weights, cfg, dist, step, micro)
@@ -619,7 +637,7 @@ def dynamic_beta_loss(tracker: BetaTracker, logps: dict[str, torch.Tensor], name
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + micro)
     beta, keep_all = tracker.step(gaps, generator)                                         # keep_all [W B] bool
     keep = keep_all[dist.rank * B:(dist.rank + 1) * B].to(dist.device).float()             # [B], this rank's
-    per_pair, parts = pair_losses(names, weights, logps, beta, cfg.label_smoothing)
+    per_pair, parts = pair_losses(names, weights, logps, beta, cfg.label_smoothing, cfg.dpop_lambda)
     # DDP averages the ranks' gradients, hence the factor W
     loss = (per_pair * keep).sum() * dist.world_size / keep_all.sum().item()
     return loss, parts, torch.tensor(beta, device=dist.device)
