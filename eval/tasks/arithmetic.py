@@ -1,17 +1,18 @@
 """Integer arithmetic in four difficulty levels.
 
-    level 1   one-digit + and -            What is 7 - 3?           <think>7-3=4</think>\\n<answer>4</answer>
-    level 2   two-digit + and -            What is 52 + 39?         <think>2+9=11,5+3+1=9,91</think>\\n<answer>91</answer>
-    level 3   two-digit * one-digit        What is 23 * 7?          <think>3*7=21,2*7+2=16,161</think>\\n<answer>161</answer>
+    level 1   one-digit + and -        What is 7 - 3?        <think>7-3=4</think>\\n<answer>4</answer>
+    level 2   two-digit + and -        What is 52 + 39?      <think>2+9=11,5+3+1=9,91</think>\\n<answer>91</answer>
+    level 3   two-digit * one-digit    What is 23 * 7?       <think>3*7=21,2*7+2=16,161</think>\\n<answer>161</answer>
     level 4   three or four one-digit operands with + - * and parentheses
-                                           What is (3 + 4) * 5?     <think>(3+4)*5=7*5=35</think>\\n<answer>35</answer>
+                                       What is (3 + 4) * 5?  <think>(3+4)*5=7*5=35</think>\\n<answer>35</answer>
     level 0   (the default) each problem draws its level uniformly from 1-4
 
 Subtraction in levels 1 and 2 never goes below zero (the larger operand comes first); level 4 can be negative.
 At levels 2 and 3 the think part works in columns, as on paper: the ones digits first, then the tens with the carry
 (or the borrow), then the answer read off the results (column_steps). At level 4 it reduces the expression one
 operation at a time (innermost parentheses first, then left to right). Both are written without spaces to stay short:
-with the shipped tokenizer (one token per digit and per tag) a response is ~25 tokens on average and under 40.
+with the shipped tokenizer (one token per digit and per tag) a response is ~21 tokens on average (11 at level 1, 23
+to 26 at levels 2-4) and under 40.
 The columns are what makes levels 2 and 3 learnable for a small model: writing "52+39=91" at once asks it to know
 the ones column's carry before it writes the tens digit. Trained from scratch on the same 60,000 arithmetic chats
 for 600 steps (the mini model, 2.5M tokens), held-out accuracy was 0.058 at level 2 and 0.053 at level 3 with the
