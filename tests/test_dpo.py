@@ -91,17 +91,17 @@ def test_sft_term_is_trls_token_mean_and_rpo_the_mean_of_answer_means():
     # TRL's "sft" = (3 + 9) / (1 + 9) = 1.2; RPO's = (3 / 1 + 9 / 9) / 2 = 2
     logps = {"pc": T([-3.0, -9.0]), "pr": T([-4.0, -9.5]), "rc": T([-3.0, -9.0]), "rr": T([-4.0, -9.5]),
              "nc": T([1.0, 9.0]), "nr": T([1.0, 9.0])}
-    _, parts = pair_losses(["sft", "rpo"], [1.0, 1.0], logps, 0.1, 0.0)
+    _, parts = pair_losses(["sft", "rpo"], [1.0, 1.0], logps, 0.1, 0.0, 50.0)
     assert parts["sft"].mean().item() == pytest.approx(1.2)
     assert parts["rpo"].mean().item() == pytest.approx(2.0)
 
 
 def test_mixed_losses_and_ipo_on_length_averaged_log_probs():
     logps = {"pc": T(PC), "pr": T(PR), "rc": T(RC), "rr": T(RR), "nc": T([2.0, 4.0]), "nr": T([5.0, 1.0])}
-    total, parts = pair_losses(["sigmoid", "sft"], [1.0, 0.1], logps, 0.5, 0.0)
+    total, parts = pair_losses(["sigmoid", "sft"], [1.0, 0.1], logps, 0.5, 0.0, 50.0)
     assert torch.allclose(total, parts["sigmoid"] + 0.1 * parts["sft"])
     assert torch.allclose(parts["sft"], T([1.0, 5 / 3]))
-    _, parts = pair_losses(["ipo"], [1.0], logps, 0.5, 0.0)
+    _, parts = pair_losses(["ipo"], [1.0], logps, 0.5, 0.0, 50.0)
     # per-token means: pair 0 h = (-1.5 + 1.75) - (-0.8 + 0.6) = 0.45; pair 1 h = (-1.25 + 1.0) - (-2.5 + 3.0) = -0.75
     assert torch.allclose(parts["ipo"], T([(0.45 - 1) ** 2, (-0.75 - 1) ** 2]))
 

@@ -249,7 +249,7 @@ def rpo_loss(pc: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def pair_losses(names: list[str], weights: list[float], logps: dict[str, torch.Tensor], beta,
-                label_smoothing: float, dpop_lambda: float = 50.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                label_smoothing: float, dpop_lambda: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_k w_k loss_k per pair ([B]) and each loss_k ([B], for logging).
 
     logps holds pc, pr, rc, rr (sums over answer tokens) and nc, nr (the answers' token counts).
