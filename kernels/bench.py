@@ -97,16 +97,17 @@ def ours_kl(hidden, weight, labels, teacher_hidden, teacher_weight):
 
 
 def liger_methods(kernel):
-    """Liger-Kernel's counterparts, when it is installed."""
+    """Liger-Kernel's counterparts, when it is installed (an installed Liger whose names moved is an error, not a
+    silent omission). Its fused JSD at jsd_beta=0 is the forward KL(P || Q), as ours with beta=0."""
     try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSDLoss
+        import liger_kernel.transformers as liger
     except ImportError:
         return {}
     if kernel == "ce":
-        loss = LigerFusedLinearCrossEntropyLoss()
+        loss = liger.LigerFusedLinearCrossEntropyLoss()
         return {"liger": lambda h, w, y: loss(w, h, y)}
     if kernel == "kl":
-        jsd = LigerFusedLinearJSDLoss(jsd_beta=0.0)
+        jsd = liger.LigerFusedLinearJSD(jsd_beta=0.0)
         return {"liger": lambda h, w, y, th, tw: jsd(h, w, th, tw, y)}
     return {}
 

@@ -15,7 +15,9 @@ import triton.language as tl
 
 from minitrain.kernels.cross_entropy_triton import block_v, num_warps
 
-IGNORE_INDEX = -100
+# a module global read inside @triton.jit must be a tl.constexpr: the compiler refuses plain Python globals (the
+# interpreter, TRITON_INTERPRET=1, does not), and tests/test_kernels_triton.py checks every kernel for it
+IGNORE_INDEX = tl.constexpr(-100)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from minitrain.kernels.backend import triton_interpreting
 
-KEY_NEG_INF = -2139095041          # _ordered_key(-inf)
+KEY_NEG_INF = tl.constexpr(-2139095041)          # _ordered_key(-inf); a tl.constexpr, as a jit global must be
 
 
 @triton.jit

@@ -12,7 +12,8 @@ turn, --repeat rounds) and the median is reported, so that load from elsewhere o
 table gives tokens/s, the ratio ours / theirs (above 1 = ours faster) and the peak memory of one step above what was
 allocated before it (on CPU the resident-set high-water mark, as kernels/bench.py measures it). Decoding has a row
 for our compiled decoding (generate(compiled=True): Inductor, frozen weights; its compile time is printed apart). On
-CUDA it adds MFU (training, against --peak_tflops) and a torch.compile row for our training step.
+CUDA it adds MFU (training: the trainers' FLOPs a token, 6N + attention, against --peak_tflops) and a torch.compile
+row for our training step.
 
 transformers is a test dependency (requirements-dev.txt), needed here only for the peer.
 
@@ -34,6 +35,7 @@ from minitrain.model.checkpoint import save_checkpoint
 from minitrain.model.config import ModelConfig
 from minitrain.model.generate import generate
 from minitrain.model.transformer import CausalLM
+from minitrain.trainer.reporting import flops_per_token
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -158,8 +160,9 @@ def main(argv=None):
             steps["ours + compile"] = training_step(compiled, torch.optim.AdamW(ours.parameters(), lr=1e-5),
                                                     train_ids, autocast)
         results = measure(steps, device, args.warmup, args.repeat, "rss")     # {name: (median s, peak bytes)}
-        rows += table_rows(f"train {dtype_name}", results, args.batch_size * args.seq_len,   # 6N FLOPs a token
-                           6 * n_params if device.type == "cuda" else None, args.peak_tflops * 1e12)
+        rows += table_rows(f"train {dtype_name}", results, args.batch_size * args.seq_len,   # the trainers' count:
+                           flops_per_token(ours, args.seq_len) if device.type == "cuda" else None,  # 6N + attention
+                           args.peak_tflops * 1e12)
         # greedy decoding
         for batch in [int(b) for b in args.decode_batches.split(",")]:
             prompts = torch.randint(3, args.vocab_size, (batch, args.prompt_len), generator=g).tolist()

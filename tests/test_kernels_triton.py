@@ -304,3 +304,35 @@ def test_triton_path_under_torch_compile_equals_eager():
     compiled_outs, compiled_grads = outputs_and_grads(torch.compile(loss_fn, fullgraph=True), hidden, weight, labels)
     assert_all_close(compiled_outs, eager_outs, atol=1e-6)
     assert_all_close(compiled_grads, eager_grads, atol=1e-6)
+
+
+def test_kernels_read_no_plain_python_globals():
+    # Triton's compiler refuses a module global inside @triton.jit unless it is a tl.constexpr (or another jit
+    # function, or a module such as tl); the interpreter that CI runs accepts it, so this is checked here from the
+    # source: two kernels that passed every interpreted test failed to compile on the first GPU for this reason.
+    import ast
+    import inspect
+    import textwrap
+    import types
+
+    import triton.language as tl
+    from minitrain.kernels import cross_entropy_triton, kl_triton, logprobs_triton, sampling_triton
+
+    checked, offenders = 0, []
+    for module in (cross_entropy_triton, kl_triton, logprobs_triton, sampling_triton):
+        for name, kernel in vars(module).items():
+            fn = getattr(kernel, "fn", None)
+            if not isinstance(fn, types.FunctionType) or fn.__module__ != module.__name__:
+                continue
+            checked += 1
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+            assigned = {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)} | \
+                       {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in assigned \
+                        and node.id in fn.__globals__:
+                    value = fn.__globals__[node.id]
+                    if not (isinstance(value, (tl.constexpr, types.ModuleType)) or hasattr(value, "fn")):
+                        offenders.append(f"{module.__name__}.{name} reads {node.id} = {value!r}")
+    assert checked >= 8, checked
+    assert not offenders, offenders
