@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, fields
 # text never depends on what the calling process imported before (torch, for one, replaces inspect.getfile).
 # The task generators and the chat renderer are imported where they are used.
 
-EMBEDDED_VERSION = 4
+EMBEDDED_VERSION = 5
 FILES = ("pretrain", "midtrain", "sft", "dpo", "rlaif")
 
 # Standard-library modules whose docstrings form the documentation corpus: pure imports without side effects (no

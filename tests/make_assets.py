@@ -1,7 +1,8 @@
 """Rebuild tests/assets/mini-pretrained: the mini model (config/model/mini.yaml, 1.6M parameters) pretrained on the
-embedded data (version 4: column arithmetic), stored in bfloat16 (3.2 MB) for the test that SFT raises held-out
-arithmetic accuracy (tests/test_sft_accuracy.py). Pretraining it takes 11 to 13 minutes on 2 CPU cores, too long for
-the test suite, so the suite ships it instead; this is how it was made (2026-12-04):
+embedded data (version 5: columns at arithmetic levels 2-3, one operation at a time at level 4), stored in bfloat16
+(3.2 MB) for the test that SFT raises held-out arithmetic accuracy (tests/test_sft_accuracy.py). Pretraining it
+takes 11 to 13 minutes on 2 CPU cores, too long for the test suite, so the suite ships it instead; this is how it was
+made (2026-12-04):
 
     python trainer/train_pretrain.py --dtype float32 --model_config mini --max_steps 1200 --batch_size 16 \\
         --max_seq_len 256 --learning_rate 3e-3 --warmup_steps 30 --eval_interval 600 --save_interval 600 \\

@@ -6,13 +6,14 @@ import itertools
 import json
 import random
 import re
+from collections import Counter
 
 import pytest
 
 from minitrain.dataset.embedded import TASK_MIX, ensure_embedded_data
 from minitrain.eval.tasks import (EVAL_SEED, TASK_NAMES, TRAIN_SEED_BASE, Problem, ProblemSpaceError, extract_answer,
                                   format_response, get_task, is_held_out, is_training_seed, score_row, training_seed)
-from minitrain.eval.tasks.arithmetic import column_steps
+from minitrain.eval.tasks.arithmetic import column_steps, operation_steps, operations
 from minitrain.eval.tasks.sat import THRESHOLDS, evaluate_formula, satisfying_set
 
 EVAL_SPECS = sorted(set(TASK_NAMES) | {spec for spec, _ in TASK_MIX})   # every spec training data uses, + defaults
@@ -74,8 +75,20 @@ def test_arithmetic_levels_are_what_they_claim_and_reference_is_right(level):
         assert task.score(p, response) == 1.0
         think = re.fullmatch(r"<think>(.+)</think>\n<answer>(.+)</answer>", response).group(1)
         if level in (1, 4):
-            steps = think.split("=")
-            assert steps[-1] == p.answer and all(eval(s) == int(p.answer) for s in steps)   # every step: one value
+            # operations "a op b=value", each true; each operand is a number of the question or the value of an
+            # earlier operation, each used once; one operation per operator, the last value is the answer
+            leaves, values = Counter(operands), Counter()
+            operations = [re.fullmatch(r"(\(-\d+\)|\d+)([-+*])(\(-\d+\)|\d+)=(-?\d+)", step).groups()
+                          for step in think.split(",")]
+            for a, op, b, value in operations:
+                assert eval(f"{a}{op}{b}") == int(value)
+                for x in (int(a.strip("()")), int(b.strip("()"))):
+                    pool = values if values[x] else leaves
+                    assert pool[x] > 0, (think, x)
+                    pool[x] -= 1
+                values[int(value)] += 1
+            assert len(operations) == len(re.findall(r" [-+*] ", expression)) and operations[-1][3] == p.answer
+            assert +leaves == Counter()
         else:
             # columns: "ones=value,tens=value,answer"; each column's sum is true, and the ones column works on the
             # ones digits of the operands (the two-digit ones at level 3), the tens column on their tens digits
@@ -89,6 +102,19 @@ def test_arithmetic_levels_are_what_they_claim_and_reference_is_right(level):
             assert {int(d) % 10 for d in ones_digits} >= {x % 10 for x in two_digit}
             assert columns[1].startswith(str(two_digit[0] // 10))
 
+
+
+def test_arithmetic_operations_in_the_order_of_the_reduction():
+    assert operation_steps(operations(("*", ("+", 3, 4), 5))) == "3+4=7,7*5=35"
+    assert operation_steps(operations(("-", 2, ("-", 7, 9)))) == "7-9=-2,2-(-2)=4"
+    assert operation_steps(operations(("-", 1, ("*", ("+", 5, 6), 3)))) == "5+6=11,11*3=33,1-33=-32"
+    assert operation_steps(operations(("*", ("-", 1, 8), ("-", 2, 9)))) == "1-8=-7,2-9=-7,(-7)*(-7)=49"
+    assert operation_steps(operations(("-", 7, 3))) == "7-3=4"                  # level 1: one operation
+    task = get_task("arithmetic:level=4")
+    p = Problem("arithmetic:level=4", "t", "What is 2 - (7 - 9)?", "4",
+                {"level": 4, "steps": ["2-(7-9)", "2-(-2)", "4"], "operations": operations(("-", 2, ("-", 7, 9)))})
+    wrong = task.wrong_response(p, random.Random(0))
+    assert wrong.startswith("<think>7-9=-2,2-(-2)=") and task.score(p, wrong) == 0.0
 
 def test_arithmetic_columns_carry_and_borrow_as_on_paper():
     assert column_steps(52, "+", 39) == "2+9=11,5+3+1=9,91"

@@ -4,15 +4,20 @@
     level 2   two-digit + and -        What is 52 + 39?      <think>2+9=11,5+3+1=9,91</think>\\n<answer>91</answer>
     level 3   two-digit * one-digit    What is 23 * 7?       <think>3*7=21,2*7+2=16,161</think>\\n<answer>161</answer>
     level 4   three or four one-digit operands with + - * and parentheses
-                                       What is (3 + 4) * 5?  <think>(3+4)*5=7*5=35</think>\\n<answer>35</answer>
+                                       What is 2 - (7 - 9)?  <think>7-9=-2,2-(-2)=4</think>\\n<answer>4</answer>
     level 0   (the default) each problem draws its level uniformly from 1-4
 
 Subtraction in levels 1 and 2 never goes below zero (the larger operand comes first); level 4 can be negative.
 At levels 2 and 3 the think part works in columns, as on paper: the ones digits first, then the tens with the carry
-(or the borrow), then the answer read off the results (column_steps). At level 4 it reduces the expression one
-operation at a time (innermost parentheses first, then left to right). Both are written without spaces to stay short:
-with the shipped tokenizer (one token per digit and per tag) a response is ~21 tokens on average (11 at level 1, 23
-to 26 at levels 2-4) and under 40.
+(or the borrow), then the answer read off the results (column_steps). At levels 1 and 4 it writes each operation
+with its operands and its value, in the order the expression is reduced (innermost parentheses first, then left to
+right; operation_steps), a negative operand in parentheses. All are written without spaces to stay short: with the
+shipped tokenizer (one token per digit and per tag) a response is ~21 tokens on average (11 at level 1, 23 to 26 at
+levels 2-4) and under 40.
+Level 4 wrote its expression again after each reduction until embedded data v5 ("2-(7-9)=2-(-2)=4"): the small
+model then had to find the operation inside the rewritten text, and miscopied even one-digit facts ("6*(3*3)=6*2").
+Written as operations, with the operands side by side, held-out level 4 rose from 0.03 to 0.15 in the same
+from-scratch experiment as the columns below (README "Results").
 The columns are what makes levels 2 and 3 learnable for a small model: writing "52+39=91" at once asks it to know
 the ones column's carry before it writes the tens digit. Trained from scratch on the same 60,000 arithmetic chats
 for 600 steps (the mini model, 2.5M tokens), held-out accuracy was 0.058 at level 2 and 0.053 at level 3 with the
@@ -78,6 +83,25 @@ def reduction_steps(expr) -> list[str]:
     return steps
 
 
+def operations(expr) -> list[list]:
+    """The expression's operations in the order reduce_once performs them, each [a, op, b, value] with a and b the
+    values its operands have by then: (3 + 4) * 5 -> [[3, "+", 4, 7], [7, "*", 5, 35]]. Lists, as Problem.meta is
+    JSON."""
+    if isinstance(expr, int):
+        return []
+    op, left, right = expr
+    a, b = evaluate(left), evaluate(right)
+    return operations(left) + operations(right) + [[a, op, b, evaluate((op, a, b))]]
+
+
+def operation_steps(ops: list[list]) -> str:
+    """The think part of levels 1 and 4: "7-9=-2,2-(-2)=4", one operation after another, negative operands in
+    parentheses."""
+    def operand(x: int) -> str:
+        return str(x) if x >= 0 else f"({x})"
+    return ",".join(f"{operand(a)}{op}{operand(b)}={value}" for a, op, b, value in ops)
+
+
 def column_steps(a: int, op: str, b: int) -> str:
     """Paper arithmetic, one column at a time, for two-digit a + b, a - b (a >= b) and a * b (one of them one-digit):
 
@@ -136,14 +160,16 @@ class ArithmeticTask(Task):
         level = self.options["level"] or rng.randint(1, 4)
         expr = self.sample_expression(rng, level)
         return Problem(task=self.name, id="", question=f"What is {render(expr, spaced=True)}?",
-                       answer=str(evaluate(expr)), meta={"level": level, "steps": reduction_steps(expr)})
+                       answer=str(evaluate(expr)),
+                       meta={"level": level, "steps": reduction_steps(expr), "operations": operations(expr)})
 
     def think(self, problem: Problem) -> str:
-        """Columns at levels 2 and 3 (column_steps), the reduction steps joined by "=" otherwise."""
+        """Columns at levels 2 and 3 (column_steps), one operation after another at levels 1 and 4
+        (operation_steps)."""
         if problem.meta["level"] in (2, 3):
             a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", problem.meta["steps"][0]).groups()
             return column_steps(int(a), op, int(b))
-        return "=".join(problem.meta["steps"])
+        return operation_steps(problem.meta["operations"])
 
     def reference_response(self, problem: Problem) -> str:
         return format_response(self.think(problem), problem.answer)
