@@ -36,7 +36,7 @@ def test_sft_on_the_embedded_chat_data_raises_held_out_arithmetic_accuracy(tmp_p
     after = evaluate(str(tmp_path / "sft" / "final"), tmp_path / "sft.json")
     assert before["num_samples"] == after["num_samples"] == 1171
     change = paired_changes(before["per_problem"], after["per_problem"])
-    # measured on 2 CPU cores (asset of embedded data v4, column arithmetic): accuracy 0.497 -> 0.687,
-    # +323/-101 problems, p = 4e-28
-    assert after["accuracy"] >= before["accuracy"] + 0.10, (before["accuracy"], after["accuracy"])
-    assert change["problems"] == 1171 and change["gained"] > change["lost"] and change["p"] < 1e-6, change
+    # measured on 2 CPU cores (asset of embedded data v5, stronger after pretraining than v4's 0.497): accuracy
+    # 0.654 -> 0.721, +150/-72 problems, p = 2e-7
+    assert after["accuracy"] >= before["accuracy"] + 0.04, (before["accuracy"], after["accuracy"], change)
+    assert change["problems"] == 1171 and change["gained"] > change["lost"] and change["p"] < 1e-4, change
