@@ -98,7 +98,7 @@ def ours_kl(hidden, weight, labels, teacher_hidden, teacher_weight):
 
 def liger_methods(kernel):
     """Liger-Kernel's counterparts, when it is installed (an installed Liger whose names moved is an error, not a
-    silent omission). Its fused JSD at jsd_beta=0 is the forward KL(P || Q), as ours with beta=0."""
+    silent omission). Its fused JSD at jsd_beta=0 is the forward KL by Liger's documentation, as ours with beta=0."""
     try:
         import liger_kernel.transformers as liger
     except ImportError:
