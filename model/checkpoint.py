@@ -173,24 +173,24 @@ def weight_files(path: str) -> list[str]:
     raise ConfigError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors are read)")
 
 
-def load_weights(model: CausalLM, path: str) -> None:
-    """Copy safetensors weights with Hugging Face names into `model`, checking that every tensor fits.
+def weight_index(model: CausalLM, path: str) -> dict[str, str]:
+    """{tensor name: its safetensors file} of a checkpoint directory, checked against `model` from the files'
+    headers alone (no tensor is read): every name belongs to the model, every shape fits, none is missing.
 
-    Decoding-head tensors (decoding_heads.*) are loaded into a model that has heads and skipped by one that has
-    none (a run that does not train them starts from the language model alone). A tied model (tie_word_embeddings)
-    takes its head from the embedding: a file may still hold an lm_head.weight, but only one equal to the embedding
-    (anything else would be silently dropped). An untied model needs one.
+    Decoding-head tensors (decoding_heads.*) belong to a model that has heads and are skipped for one that has none
+    (a run that does not train them starts from the language model alone). A tied model (tie_word_embeddings) takes
+    its head from the embedding: a file may still hold an lm_head.weight (load_weights checks that it equals the
+    embedding, since anything else would be silently dropped). An untied model needs one.
     """
-    expected = hf_state_dict(model)
-    params = dict(model.state_dict())
+    expected = {name: tuple(t.shape) for name, t in hf_state_dict(model).items()}
     tied = model.config.tie_word_embeddings
-    seen, tied_head = set(), None
+    index = {}
     for file in weight_files(path):
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     if name == "lm_head.weight" and tied:
-                        tied_head = (file, f.get_tensor(name))   # compared with the embedding once that is loaded
+                        index[name] = file
                         continue
                     if name not in expected and name.startswith(HEADS_PREFIX) and \
                             getattr(model, "decoding_heads", None) is None:
@@ -198,32 +198,57 @@ def load_weights(model: CausalLM, path: str) -> None:
                     if name not in expected:
                         raise ConfigError(f"{file}: tensor '{name}' does not belong to a {model.config.model_type} "
                                           f"model of this config")
-                    tensor = f.get_tensor(name)
-                    if tuple(tensor.shape) != tuple(params[name].shape):
-                        raise ConfigError(f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, the config needs "
-                                          f"{tuple(params[name].shape)}")
-                    with torch.no_grad():
-                        params[name].copy_(tensor)
-                    seen.add(name)
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise ConfigError(f"{file}: tensor '{name}' has shape {shape}, the config needs "
+                                          f"{expected[name]}")
+                    index[name] = file
         except ConfigError:
             raise
         except Exception as e:   # safetensors raises its own error types (and OSError) on a damaged file
             raise WeightsFileError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     config_path = os.path.join(path, "config.json")
-    if "lm_head.weight" in expected and "lm_head.weight" not in seen:
+    if "lm_head.weight" in expected and "lm_head.weight" not in index:
         raise ConfigError(f"{path}: the weights hold no 'lm_head.weight', which an untied output head needs "
                           f"({config_path} field 'tie_word_embeddings' is false or missing, and transformers reads a "
                           f"missing one as false)")
-    missing = sorted(set(expected) - seen)
+    missing = sorted(set(expected) - set(index))
     if missing:
         raise ConfigError(f"{path}: weights missing from the safetensors files: {', '.join(missing[:5])}"
                           f"{' ...' if len(missing) > 5 else ''}")
-    if tied_head is not None:
-        file, head = tied_head
-        embedding = params["model.embed_tokens.weight"]
-        if head.shape != embedding.shape or not torch.equal(head.to(embedding.device, embedding.dtype), embedding):
-            raise ConfigError(f"{file}: tensor 'lm_head.weight' differs from the embedding, but {config_path} field "
-                              f"'tie_word_embeddings' is true (the head would be dropped): set it to false")
+    return index
+
+
+def check_tied_head(head: torch.Tensor, embedding: torch.Tensor, file: str, path: str) -> None:
+    """A tied model's file may hold an lm_head.weight only equal to the embedding (rows of both, when sharded)."""
+    if head.shape != embedding.shape or not torch.equal(head.to(embedding.device, embedding.dtype), embedding):
+        raise ConfigError(f"{file}: tensor 'lm_head.weight' differs from the embedding, but "
+                          f"{os.path.join(path, 'config.json')} field 'tie_word_embeddings' is true (the head would "
+                          f"be dropped): set it to false")
+
+
+def load_weights(model: CausalLM, path: str) -> None:
+    """Copy safetensors weights with Hugging Face names into `model`, checked first by weight_index."""
+    index = weight_index(model, path)
+    params = dict(model.state_dict())
+    tied = model.config.tie_word_embeddings
+    by_file = {}
+    for name, file in index.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    if name == "lm_head.weight" and tied:      # compared with the embedding once that is loaded
+                        tied_head = (file, tensor)
+                        continue
+                    with torch.no_grad():
+                        params[name].copy_(tensor)
+        except Exception as e:
+            raise WeightsFileError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if tied and "lm_head.weight" in index:
+        check_tied_head(tied_head[1], params["model.embed_tokens.weight"], tied_head[0], path)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

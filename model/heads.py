@@ -75,6 +75,10 @@ class TrunkModel(CausalLM):
         if getattr(source, "lora_config", None) is not None:
             model.lora_config = source.lora_config
         device = next(source.parameters()).device
+        if device.type == "meta":      # a trunk whose weights FSDP loads shard by shard later: a head with values
+            device = torch.device("cpu")
+        if getattr(source, "weights_source", None) is not None:
+            model.weights_source = source.weights_source          # trainer/sharding.py: where those weights are
         head_name = model.head_name
         setattr(model, head_name, model.new_head().to(device))
         model.train(source.training)

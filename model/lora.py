@@ -61,8 +61,10 @@ class LoRALinear(nn.Module):
         # half-precision bases get fp32 adapters (as PEFT does): small updates survive the optimizer step
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         in_features, out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = nn.Linear(in_features, rank, bias=False, device=weight.device, dtype=dtype)   # [r, in]
-        self.lora_B = nn.Linear(rank, out_features, bias=False, device=weight.device, dtype=dtype)  # [out, r]
+        # a base on the meta device (FSDP loads its weights shard by shard later) gets adapters with real values
+        device = torch.device("cpu") if weight.is_meta else weight.device
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)   # [r, in]
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)  # [out, r]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True   # False: the layer is the base layer alone (see adapters_disabled)
         self.reset_parameters()

@@ -1,7 +1,8 @@
-# Run: pytest tests/test_fsdp.py   (slow except the last three: torchrun with 2 gloo ranks, as subprocesses)
+# Run: pytest tests/test_fsdp.py   (slow except the last four: torchrun with 2 gloo ranks, as subprocesses)
 # FSDP2 (--fsdp, trainer/sharding.py) against DDP on 2 CPU ranks: the same losses and the same checkpoint (the
 # weights and optimizer moments gathered whole, in DDP's layout), which transformers loads; a resume that repeats
-# the uninterrupted run; bf16 mixed precision; DPO with its frozen reference sharded too; on-policy distillation
+# the uninterrupted run; bf16 mixed precision; DPO and PPO from a checkpoint read shard by shard (policy, frozen
+# reference, critic) and resumed; on-policy distillation
 # (rollouts and the head read outside the forward); the combinations it refuses; the memory table's formula.
 import json
 import shutil
@@ -114,12 +115,13 @@ def test_fsdp_checkpoint_loads_in_transformers(runs):
         assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-4)
 
 
-def resume_from_step_3(run: Path, into: Path) -> None:
-    """A copy of the run as a kill after step 3's checkpoint would leave it: later checkpoints gone, `latest` at 3."""
+def resume_from(run: Path, into: Path, step: int, last: int) -> None:
+    """A copy of the run as a kill after `step`'s checkpoint would leave it: later checkpoints gone, `latest` there."""
     shutil.copytree(run, into, symlinks=True)
-    shutil.rmtree(into / "step_000006")
+    for later in range(step + 1, last + 1):
+        shutil.rmtree(into / f"step_{later:06d}", ignore_errors=True)
     (into / "final").unlink()
-    (into / "latest").write_text("step_000003\n")
+    (into / "latest").write_text(f"step_{step:06d}\n")
 
 
 @pytest.mark.slow
@@ -127,7 +129,7 @@ def test_resume_of_an_fsdp_run_repeats_it(runs):
     """--resume under FSDP repeats the uninterrupted run's steps 4-6: the weights and moments saved whole are cut
     into shards again. (The files are DDP's, test_fsdp_writes_the_ddp_checkpoint, so DDP resumes them as its own.)"""
     out = runs["root"] / "resumed"
-    resume_from_step_3(runs["fsdp"], out)
+    resume_from(runs["fsdp"], out, 3, 6)
     r = run_script("train_pretrain.py", *pretrain_args(str(runs["root"] / "prepared"), out, "--resume", "--fsdp",
                                                        "--use_prepared"), ranks=2)
     assert r.returncode == 0, r.stderr
@@ -143,7 +145,8 @@ def test_fsdp_dpo_with_a_sharded_reference_equals_ddp(runs):
     validation metrics."""
     args = ["--init_from", str(runs["fsdp"] / "final"), "--max_steps", "2", "--batch_size", "2", "--max_seq_len", "64",
             "--log_interval", "1", "--eval_interval", "2", "--eval_batches", "3", "--eval_tasks", "",
-            "--save_interval", "0", "--report_to", "none", "--prepared_dir", str(runs["root"] / "dpo-data")]
+            "--save_interval", "1", "--keep_checkpoints", "0", "--report_to", "none",
+            "--prepared_dir", str(runs["root"] / "dpo-data")]
     out = {}
     for mode in ("ddp", "fsdp"):
         out[mode] = runs["root"] / f"dpo-{mode}"
@@ -151,12 +154,70 @@ def test_fsdp_dpo_with_a_sharded_reference_equals_ddp(runs):
         r = run_script("train_dpo.py", *args, "--out_dir", str(out[mode]), *extra, ranks=2)
         assert r.returncode == 0, r.stderr
         assert "reference: a frozen copy" in r.stdout
+        assert ("read shard by shard" in r.stdout) == (mode == "fsdp")
     for kind in ("train", "eval"):
         ddp, fsdp = records(out["ddp"], kind), records(out["fsdp"], kind)
         assert sorted(ddp) == sorted(fsdp) and ddp
         for step in ddp:
             for key in ("loss", "rewards/margins", "logps/chosen"):
                 assert fsdp[step][key] == pytest.approx(ddp[step][key], abs=TOLERANCE), (kind, step, key)
+    # resumed from step 1: the policy's shards read from the checkpoint, the moments kept until they are sharded
+    resumed = runs["root"] / "dpo-resumed"
+    resume_from(out["fsdp"], resumed, 1, 2)
+    r = run_script("train_dpo.py", *args, "--out_dir", str(resumed), "--fsdp", "--resume", ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert records(resumed, "train")[2]["loss"] == pytest.approx(records(out["fsdp"], "train")[2]["loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_ppo_reads_policy_reference_and_critic_shard_by_shard(runs, tmp_path):
+    """PPO from a checkpoint under --fsdp: the policy, its frozen reference and the critic (a copy of the policy's
+    trunk with a new value head) are built on the meta device and read shard by shard: DDP's losses and values;
+    a resume puts the saved critic and both optimizers' moments into the shards and repeats the run."""
+    args = ["--init_from", str(runs["fsdp"] / "final"), "--max_steps", "2", "--batch_size", "2", "--max_new_tokens",
+            "6", "--log_interval", "1", "--eval_interval", "0", "--eval_tasks", "", "--save_interval", "1",
+            "--keep_checkpoints", "0", "--report_to", "none", "--prepared_dir", str(runs["root"] / "ppo-data")]
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        out[mode] = tmp_path / mode
+        extra = ["--fsdp"] if mode == "fsdp" else []
+        r = run_script("train_ppo.py", *args, "--out_dir", str(out[mode]), *extra, ranks=2)
+        assert r.returncode == 0, r.stderr
+    ddp, fsdp = records(out["ddp"], "train"), records(out["fsdp"], "train")
+    assert sorted(ddp) == sorted(fsdp) == [1, 2]
+    for step in ddp:
+        for key in ("loss", "loss/value", "returns/mean", "critic/grad_norm"):
+            assert fsdp[step][key] == pytest.approx(ddp[step][key], abs=TOLERANCE), (step, key)
+    resumed = tmp_path / "resumed"
+    resume_from(out["fsdp"], resumed, 1, 2)
+    r = run_script("train_ppo.py", *args, "--out_dir", str(resumed), "--fsdp", "--resume", ranks=2)
+    assert r.returncode == 0, r.stderr
+    for key in ("loss", "loss/value", "returns/mean", "critic/grad_norm"):
+        assert records(resumed, "train")[2][key] == pytest.approx(fsdp[2][key], abs=1e-6), key
+
+
+def test_fsdp_builds_a_checkpoint_on_the_meta_device(tmp_path):
+    """Under --fsdp a model from --init_from holds no weights until it is sharded (each rank then reads its rows),
+    its files checked from their headers before anything runs; LoRA adapters get the values DDP's get."""
+    asset = str(Path(__file__).parent / "assets" / "mini-pretrained")
+    device = torch.device("cpu")
+    torch.manual_seed(0)                  # as the trainers seed before build_model
+    deferred, _ = modeling.build_model(TrainConfig(fsdp=True, init_from=asset, lora_rank=4), device)
+    torch.manual_seed(0)
+    whole, _ = modeling.build_model(TrainConfig(init_from=asset, lora_rank=4), device)
+    assert sharding.is_deferred(deferred) and not sharding.is_deferred(whole)
+    adapters = {n: p for n, p in deferred.named_parameters() if "lora_" in n}
+    assert adapters and all(p.is_meta == ("lora_" not in n) for n, p in deferred.named_parameters())
+    for name, p in whole.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(adapters[name], p), name
+    bad = tmp_path / "bad"
+    shutil.copytree(asset, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="mlp.*has shape"):
+        modeling.build_model(TrainConfig(fsdp=True, init_from=str(bad)), device)
 
 
 @pytest.mark.slow

@@ -370,15 +370,17 @@ def restore_training_state(resume: ResumeState, cfg: TrainConfig, model: nn.Modu
     state = resume.state
     if has_lora(model):
         load_adapter_weights(model, resume.path)
+    elif sharding.is_deferred(model):         # --fsdp from --init_from: its shards are read from here instead
+        sharding.defer_weights(model, resume.path)
     else:
         load_weights(unwrap(model), resume.path)
-    bad = nonfinite_tensors(unwrap(model).named_parameters())
+    bad = nonfinite_tensors((n, p) for n, p in unwrap(model).named_parameters() if not p.is_meta)
     if bad:
         raise ConfigError(f"{resume.path}: {len(bad)} weight tensors are not finite (NaN or inf), e.g. {bad[0]}: the "
                           f"run had diverged; resume from an earlier checkpoint")
     try:
-        optimizer.load_state_dict(optimizer_state_dict(resume.tensors, state["optimizer_param_groups"],
-                                                       state["optimizer_scalars"]))
+        sharding.load_optimizer_state(optimizer, optimizer_state_dict(
+            resume.tensors, state["optimizer_param_groups"], state["optimizer_scalars"]))
     except (ValueError, KeyError) as e:
         raise ConfigError(f"{resume.path}: optimizer state does not fit this model ({e})") from None
     scaler.load_state_dict(state["scaler"])

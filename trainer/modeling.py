@@ -1,7 +1,8 @@
 """The model a run trains: built from a preset or a checkpoint, LoRA applied, wrapped for training.
 
     build_model          --init_from DIR (ours or a Hugging Face llama/qwen2/qwen3 directory) or --model_config,
-                         the tokenizer, LoRA adapters when --lora_rank > 0
+                         the tokenizer, LoRA adapters when --lora_rank > 0; under --fsdp a checkpoint is read
+                         shard by shard when the model is sharded
     wrap_model           gradient checkpointing, then FSDP2 (--fsdp: the optimizer is pointed at the shards),
                          torch.compile, then DistributedDataParallel (without --fsdp, on several ranks)
     frozen_reference     a frozen copy of the starting policy (DPO, GRPO, PPO; sharded too under --fsdp), or None
@@ -30,7 +31,8 @@ from minitrain.trainer.optim import resolve_dtype
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[CausalLM, Tokenizer]:
-    """The model and tokenizer a run starts from, fp32 on `device`.
+    """The model and tokenizer a run starts from, fp32 on `device`; under --fsdp with --init_from a skeleton on the
+    meta device instead, whose weights each rank reads shard by shard when wrap_model shards it (sharding.py).
 
     --init_from DIR: the directory's config.json (plus model flags, e.g. a longer max_position_embeddings) and its
     weights; else --model_config with random weights. The tokenizer: --tokenizer, else the --init_from directory's,
@@ -45,9 +47,16 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[CausalLM, Token
     if tokenizer.vocab_size > config.vocab_size:
         raise TokenizerError(f"{tokenizer.path}: vocabulary of {tokenizer.vocab_size} tokens does not fit the model "
                              f"(vocab_size {config.vocab_size})")
-    model = CausalLM(config)
-    if cfg.init_from:
-        load_weights(model, cfg.init_from)
+    if cfg.fsdp and cfg.init_from:
+        # each rank reads only its shards, when wrap_model shards the model (sharding.meta_model)
+        model = sharding.meta_model(config, cfg.init_from)
+        print0(f"--fsdp: {cfg.init_from} is read shard by shard when the model is sharded (built on the meta device)")
+    elif cfg.init_from:
+        with torch.random.fork_rng(devices=[]):     # the draws of a random init that the checkpoint replaces do not
+            model = CausalLM(config)                # move the generator: LoRA and new heads draw what they would
+            load_weights(model, cfg.init_from)      # draw under --fsdp, where no random init is made
+    else:
+        model = CausalLM(config)
     check_eval_tasks(cfg, model, tokenizer)
     if cfg.lora_rank:
         apply_lora(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -55,7 +64,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[CausalLM, Token
         trainable, total = count_trainable(model)
         print0(f"LoRA: rank {cfg.lora_rank} on {', '.join(model.lora_config.targets)}: {trainable:,} trainable of "
                f"{total:,} parameters ({100 * trainable / total:.2f}%)")
-    return model.to(device), tokenizer
+    return (model if sharding.is_deferred(model) else model.to(device)), tokenizer
 
 
 def wrap_model(model: nn.Module, cfg: TrainConfig, dist: DistInfo, *optimizers: torch.optim.Optimizer) -> nn.Module:
@@ -72,7 +81,7 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, dist: DistInfo, *optimizers: 
             raise ConfigError("--fsdp: mixture-of-experts models are not sharded yet (an expert that no token of a "
                               "rank reached would leave the ranks' gradient reductions unmatched); use DDP")
         names = {id(p): name for name, p in model.named_parameters()}
-        sharding.shard_model(model, resolve_dtype(cfg.dtype, dist.device))
+        sharding.shard_model(model, resolve_dtype(cfg.dtype, dist.device), dist.device)
         for optimizer in optimizers:
             sharding.rebind_optimizer(optimizer, names, model)
         return torch.compile(model) if cfg.compile else model
@@ -96,7 +105,7 @@ def frozen_reference(model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.M
     reference = copy.deepcopy(unwrap(model)).eval()
     reference.requires_grad_(False)
     if cfg.fsdp:
-        sharding.shard_model(reference, resolve_dtype(cfg.dtype, dist.device))
+        sharding.shard_model(reference, resolve_dtype(cfg.dtype, dist.device), dist.device)
     return reference
 
 

@@ -11,6 +11,8 @@
                        alone): outside it every forward is a collective that all ranks must make together
     full_tensor        a parameter or moment gathered whole (a collective); a plain tensor as it is
     gathered_state     the model's state dict gathered whole, tensor by tensor, for a Hugging Face checkpoint
+    meta_model         a model of --init_from built on the meta device (no memory), its weights read later by
+                       shard_model, each rank only its own rows of each tensor (load_shards)
 
 Checkpoints stay Hugging Face directories and the resume state keeps its layout: the weights and the optimizer
 moments are gathered whole on save (rank 0 writes them, as under DDP), and cut into shards again on resume, so a run
@@ -52,16 +54,20 @@ def is_sharded(model: nn.Module) -> bool:
     return is_fsdp_module(unwrap(model))
 
 
-def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+def shard_model(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
     """fully_shard each block, then the root, in place (the module stays the same object). Under mixed precision
     the gathered weights are cast to compute_dtype for the forward and backward, and gradients are reduced in fp32
-    (MixedPrecisionPolicy); the sharded master weights and the optimizer stay fp32."""
+    (MixedPrecisionPolicy); the sharded master weights and the optimizer stay fp32. A model built by meta_model gets
+    its weights here, each rank reading only its shards (load_shards)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    values = to_meta(model) if is_deferred(model) else None
     policy = MixedPrecisionPolicy() if compute_dtype == torch.float32 else \
         MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if values is not None:
+        load_shards(model, device, values)
     return model
 
 
@@ -86,6 +92,14 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], mo
                     for key, value in state.items()}
             new_params.append(new)
         group["params"] = new_params
+    pending = getattr(optimizer, "pending_state", None)
+    if pending is not None:              # a resumed state that load_optimizer_state kept for the shards
+        del optimizer.pending_state
+        optimizer.load_state_dict(pending)       # the moments whole, on the parameters' device: cut them now
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0 and not is_dtensor(value) and value.shape == param.shape:
+                    state[key] = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -136,6 +150,137 @@ def full_weights(model: nn.Module):
         for m in modules:      # FSDP's defaults again: blocks free their weights after a forward, the root keeps
             m.set_reshard_after_forward(m is not root, recurse=False)      # its own until the backward
             m.reshard()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading shard by shard: a model that does not fit one device is never whole on any rank
+# ---------------------------------------------------------------------------------------------------------------
+# Under --fsdp a model from --init_from is built on the meta device (shapes, no memory) and remembers where its
+# weights are (`weights_source`). Until shard_model, anything may be added to it with real values (LoRA adapters,
+# a value or score head) or given values to load later (a resumed critic: set_values); a copy of it (the frozen
+# reference, PPO's critic) remembers the same source. shard_model then shards the skeleton and each rank reads
+# its own rows of every tensor from the safetensors files (FSDP2 cuts dim 0 as torch.chunk does: ceil(n / W)
+# rows a rank, the last ones fewer or none).
+
+def meta_model(config, path: str) -> nn.Module:
+    """A CausalLM of `config` on the meta device whose weights shard_model reads from `path` (checked now, from the
+    files' headers: names and shapes)."""
+    from minitrain.model.checkpoint import weight_index
+    from minitrain.model.transformer import CausalLM, RotaryEmbedding
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model.model.rotary_emb = RotaryEmbedding(config)   # its fp32 frequencies are a plain tensor, made for real
+    weight_index(model, path)
+    model.weights_source = path
+    return model
+
+
+def is_deferred(model: nn.Module) -> bool:
+    """True for a model whose weights are still to be read (built by meta_model, not yet sharded)."""
+    return getattr(unwrap(model), "weights_source", None) is not None and \
+        any(p.is_meta for p in unwrap(model).parameters())
+
+
+def defer_weights(model: nn.Module, path: str) -> None:
+    """The weights of `path` (a resumed checkpoint) replace the source of a model built by meta_model."""
+    unwrap(model).weights_source = path
+
+
+def set_values(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors into the parameters of those names: at once where a parameter holds memory, at
+    shard_model for one still on the meta device."""
+    root = unwrap(model)
+    params = dict(root.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            if params[name].is_meta:
+                root.__dict__.setdefault("pending_values", {})[name] = value
+            else:
+                params[name].copy_(value)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """optimizer.load_state_dict, or, for an optimizer over meta parameters, the state kept until rebind_optimizer
+    points it at the shards (load_state_dict would move the moments to the meta device, losing them). The groups'
+    sizes are checked now either way (ValueError, as load_state_dict raises)."""
+    if not any(p.is_meta for group in optimizer.param_groups for p in group["params"]):
+        optimizer.load_state_dict(state_dict)
+        return
+    saved = [len(g["params"]) for g in state_dict["param_groups"]]
+    if saved != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError(f"loaded state dict has groups of {saved} parameters, this optimizer's differ")
+    optimizer.pending_state = state_dict
+
+
+def to_meta(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Move the parameters that hold values (adapters, heads) to the meta device too, returning their values by
+    name: fully_shard and to_empty need a model wholly on the meta device."""
+    root = unwrap(model)
+    values = {}
+    for module_name, module in root.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                values[f"{module_name}.{name}" if module_name else name] = param.detach().cpu().clone()
+                setattr(module, name, nn.Parameter(torch.empty_like(param, device="meta"),
+                                                   requires_grad=param.requires_grad))
+    return values
+
+
+def my_rows(param: torch.Tensor) -> tuple[int, int]:
+    """(first, end) rows of the whole tensor that this rank's shard of a sharded parameter holds."""
+    from torch.distributed.tensor import Shard
+    assert tuple(param.placements) == (Shard(0),), param.placements
+    total, world, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
+    first = min(rank * -(-total // world), total)
+    return first, first + param.to_local().shape[0]
+
+
+def load_shards(model: nn.Module, device: torch.device, values: dict[str, torch.Tensor]) -> None:
+    """Give the sharded skeleton memory on `device`, then fill each rank's rows: from set_values (a resumed
+    critic), else from the safetensors files of `weights_source` (safetensors' get_slice reads those rows alone),
+    else from `values`, what the parameters held before to_meta (new adapters and heads; a resumed checkpoint that
+    holds a head replaces it). Non-finite values are a ConfigError naming the source, as a resumed checkpoint's
+    are."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+
+    from minitrain.model.checkpoint import check_tied_head, weight_files
+    from minitrain.model.config import ConfigError
+    root = unwrap(model)
+    source = root.__dict__.pop("weights_source")
+    pending = root.__dict__.pop("pending_values", {})
+    model.to_empty(device=device)
+    with ExitStack() as files, torch.no_grad():
+        tensors = {}                                    # name -> (file, its open handle)
+        for file in weight_files(source):
+            handle = files.enter_context(safe_open(file, framework="pt"))
+            tensors.update({name: (file, handle) for name in handle.keys()})
+        for name, param in root.named_parameters():
+            first, end = my_rows(param)
+            if name not in tensors and ".base_layer." in name:      # a LoRA layer's frozen base: the file's name
+                name = name.replace(".base_layer.", ".")
+            if name in pending:
+                rows = pending[name][first:end]
+            elif name in tensors:
+                file, handle = tensors[name]
+                whole = handle.get_slice(name)
+                if tuple(whole.get_shape()) != tuple(param.shape):
+                    raise ConfigError(f"{file}: tensor '{name}' has shape {tuple(whole.get_shape())}, the model "
+                                      f"needs {tuple(param.shape)}")
+                rows = whole[first:end]
+            elif name in values:
+                rows = values[name][first:end]
+            else:
+                raise ConfigError(f"{source}: weights missing from the safetensors files: {name}")
+            param.to_local().copy_(rows)
+            if not torch.isfinite(param.to_local()).all():
+                raise ConfigError(f"{source}: tensor '{name}' is not finite (NaN or inf)")
+        if root.config.tie_word_embeddings and "lm_head.weight" in tensors:
+            file, handle = tensors["lm_head.weight"]
+            embedding = root.model.embed_tokens.weight
+            first, end = my_rows(embedding)
+            check_tied_head(handle.get_slice("lm_head.weight")[first:end], embedding.to_local(), file, source)
 
 
 # ---------------------------------------------------------------------------------------------------------------

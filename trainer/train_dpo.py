@@ -67,7 +67,8 @@ from minitrain.dataset.mixer import format_summary
 from minitrain.dataset.preference import PreferenceDataset, collate_pairs
 from minitrain.model.lora import has_lora
 from minitrain.model.transformer import unwrap
-from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences, \
+    sharding
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 from minitrain.trainer.sharding import full_weights
@@ -169,6 +170,9 @@ class DPOConfig(TrainConfig):
             raise FlagError("risk_scale" if self.risk_scale < 0 else "beta_dpo_alpha", "must not be negative")
         if self.reference_free and self.precompute_ref_logps:
             raise FlagError("precompute_ref_logps", "and --reference_free are alternatives: give one")
+        if self.precompute_ref_logps and self.fsdp and self.lora_rank:
+            raise FlagError("precompute_ref_logps", "with --fsdp and --lora_rank: the adapters-off policy is the "
+                                                    "reference and holds no memory of its own; drop the flag")
 
 
 def parse_losses(types: str, weights: str) -> tuple[list[str], list[float]]:
@@ -505,9 +509,17 @@ def precomputed_reference(cfg: DPOConfig, model, train_set: PreferenceDataset, v
     fingerprint = sequences.reference_fingerprint({s: d.path for s, d in splits.items()}, cfg.init_from,
                                                   tokenizer_path, cfg.max_seq_len, dtype, cfg.model_overrides)
     path = sequences.reference_cache_path(directory, fingerprint)
-    logps, reused = sequences.cached_reference_logps(
-        path, fingerprint, lambda: sequences.compute_reference_logps(model, splits, cfg.batch_size, collate, dist, amp),
-        dist)
+
+    def compute():
+        if not sharding.is_deferred(model):
+            return sequences.compute_reference_logps(model, splits, cfg.batch_size, collate, dist, amp)
+        # --fsdp from --init_from: the policy has no weights until it is sharded, so a sharded copy of it makes the
+        # pass, whole on each rank while it lasts (the ranks' shares of pairs differ), and is dropped after
+        reference = modeling.frozen_reference(model, cfg, dist)
+        with sharding.full_weights(reference):
+            return sequences.compute_reference_logps(reference, splits, cfg.batch_size, collate, dist, amp)
+
+    logps, reused = sequences.cached_reference_logps(path, fingerprint, compute, dist)
     for split, dataset in splits.items():
         dataset.set_reference(logps[split])
     print0(f"reference: log-probs {'reused from' if reused else 'computed once and saved to'} {path}; no reference "

@@ -74,7 +74,8 @@ from minitrain.kernels import fused_linear_logprobs
 from minitrain.model.config import ConfigError
 from minitrain.model.heads import ValueHead, ValueModel, last_token_index, load_reward_model
 from minitrain.model.transformer import unwrap
-from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences
+from minitrain.trainer import batches, checkpointing, distributed, evaluation, modeling, optim, reporting, sequences, \
+    sharding
 from minitrain.trainer.configuration import USER_ERRORS, FlagError, TrainConfig, fail, parse_config
 from minitrain.trainer.distributed import print0
 from minitrain.trainer.rewards import RewardError, check_reward_flags, load_frozen_reward_model, parse_reward_flags
@@ -421,15 +422,14 @@ def restore_critic(resume: checkpointing.ResumeState, cfg: PPOConfig, critic: nn
     if set(params) != set(saved):
         raise ConfigError(f"--resume: the checkpoint's critic ({len(saved)} tensors) does not fit this run's "
                           f"({len(params)}); were --shared_critic, --critic_from or --lora_rank changed?")
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.shape != saved[name].shape:
-                raise ConfigError(f"--resume: critic tensor {name} has shape {tuple(saved[name].shape)}, this run "
-                                  f"needs {tuple(p.shape)}")
-            p.copy_(saved[name])
+    for name, p in params.items():
+        if p.shape != saved[name].shape:
+            raise ConfigError(f"--resume: critic tensor {name} has shape {tuple(saved[name].shape)}, this run "
+                              f"needs {tuple(p.shape)}")
+    sharding.set_values(critic, saved)        # copied now, or under --fsdp when its shards are loaded
     if critic_optimizer is not None:
         opt = {k[len("critic_"):]: v for k, v in tensors.items() if k.startswith("critic_optimizer.")}
-        critic_optimizer.load_state_dict(checkpointing.optimizer_state_dict(
+        sharding.load_optimizer_state(critic_optimizer, checkpointing.optimizer_state_dict(
             opt, state["critic_optimizer_param_groups"], state["critic_optimizer_scalars"]))
         critic_scaler.load_state_dict(state["critic_scaler"])
     print0(f"critic restored ({len(params):,} tensors), kl_coef {kl_coef:.4g}")
