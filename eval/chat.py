@@ -28,7 +28,7 @@ import sys
 import torch
 
 from minitrain.eval.cli import OneLineParser, UsageError, check_device, load_heads_for_decoding, run_cli
-from minitrain.model.checkpoint import load_model
+from minitrain.model.checkpoint import DTYPES, load_model
 from minitrain.model.generate import generate
 
 
@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     # runtime
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights dtype; auto = as saved in the checkpoint (bfloat16 halves the bytes a token reads)")
     args = p.parse_args(argv)
     checks = [(args.max_new_tokens > 0, "--max_new_tokens must be positive"),
               (args.temperature >= 0, "--temperature must be >= 0"),
@@ -89,7 +91,7 @@ class TerminalStream:
 
 
 def load(args):
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
     if args.adapter:
         from minitrain.model.lora import load_adapter   # LoRA lives in model/lora.py
         model = load_adapter(model, args.adapter)

@@ -36,10 +36,8 @@ from minitrain.eval.cli import OneLineParser, UsageError, check_device, load_hea
 from minitrain.eval.stats import interval_key
 from minitrain.eval.task_eval import AGGREGATE, PromptTooLong, check_settings, evaluate_tasks, parse_task_names
 from minitrain.eval.tasks import EVAL_SEED, ProblemSpaceError
-from minitrain.model.checkpoint import check_model_dir, load_model
+from minitrain.model.checkpoint import DTYPES, check_model_dir, load_model
 from minitrain.model.config import ConfigError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None):

@@ -234,6 +234,19 @@ def test_chat_passes_its_sampling_flags_to_generate(tokenizer, tiny, calls, caps
     assert capsys.readouterr().out == tokenizer.decode(expected) + "\n"
 
 
+def test_chat_reads_weights_in_the_dtype_asked(tiny, monkeypatch, capsys):
+    """--dtype bfloat16: the model generates from bf16 weights (auto keeps the saved fp32)."""
+    _, path = tiny
+    seen = []
+    monkeypatch.setattr(chat, "generate", lambda model, *args, **kwargs: (
+        seen.append(next(model.parameters()).dtype), generate(model, *args, **kwargs))[1])
+    for flag in ("auto", "bfloat16"):
+        assert chat.cli(["--model", path, "--prompt", "Hi", "--device", "cpu", "--max_new_tokens", "3",
+                         "--temperature", "0", "--dtype", flag]) == 0
+    assert seen == [torch.float32, torch.bfloat16]
+    capsys.readouterr()
+
+
 def test_chat_system_message_and_adapter(tokenizer, tiny, adapter, calls, capsys):
     model, path = tiny
     adapted, adapter_dir = adapter

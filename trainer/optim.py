@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 
+from minitrain.model.checkpoint import DTYPES
 from minitrain.model.transformer import unwrap
 
 from minitrain.trainer.configuration import TrainConfig, TrainingDiverged
@@ -58,7 +59,6 @@ def cosine_lr(step: int, max_steps: int, warmup: int, lr: float, min_lr_ratio: f
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(flag: str, device: torch.device) -> torch.dtype:
