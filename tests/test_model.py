@@ -162,6 +162,38 @@ def test_repetition_penalty_generation_is_the_same_batched_and_alone():
     assert batched != generate(model, prompts, max_new_tokens=10, temperature=0).completions   # the penalty acts
 
 
+def test_generation_under_autocast_reads_a_bf16_copy_of_each_weight_made_once():
+    """RL rollouts generate inside one autocast region: autocast casts each fp32 weight matrix to bf16 at its first
+    use and keeps the copy (its cache) until the region ends, so every later token reads the bf16 copy (2 bytes a
+    parameter while the rollout lasts, made again after each optimizer step). Counted: the same casts for 4 new
+    tokens as for 16; without the cache, one per weight per forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = tiny()
+    weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
+
+    class CountWeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    casts = {}
+    for cache in (True, False):
+        torch.set_autocast_cache_enabled(cache)
+        try:
+            for new in (4, 16):
+                counter = CountWeightCasts()
+                with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+                    generate(model, [[5, 17, 33], [12, 9, 4]], max_new_tokens=new, temperature=1.0, eos_token_id=[])
+                casts[cache, new] = counter.count
+        finally:
+            torch.set_autocast_cache_enabled(True)
+    assert casts[True, 4] == casts[True, 16] == len(weights)
+    assert casts[False, 16] == 4 * casts[False, 4] == 16 * len(weights)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_gradient_checkpointing_gives_identical_loss_and_gradients(preset):
     ids = torch.randint(3, 6400, (2, 16), generator=torch.Generator().manual_seed(0))
