@@ -72,15 +72,21 @@ def test_dry_run_prints_the_default_commands_and_dtype_overrides_every_stage(tmp
     r = pipeline("--dry_run", "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     commands = [line for line in r.stdout.splitlines() if ": python trainer/" in line]
-    assert [c.split()[:2] for c in commands] == [["[1/4]", "pretrain:"], ["[2/4]", "sft:"], ["[3/4]", "dpo:"],
-                                                 ["[4/4]", "grpo:"]]
+    assert [c.split()[:2] for c in commands] == [["[1/5]", "pretrain:"], ["[2/5]", "sft:"], ["[3/5]", "pairs:"],
+                                                 ["[4/5]", "dpo:"], ["[5/5]", "grpo:"]]
     native = cpu_has_native_bf16()       # the default config's bfloat16, or float32 where this CPU would emulate it
     assert all(f"--dtype {'bfloat16' if native else 'float32'}" in c for c in commands)
     assert ("no native bfloat16" in r.stdout) == (not native)
-    assert f"--init_from {tmp_path}/sft/final" in commands[2] and not list(tmp_path.iterdir())   # nothing written
+    assert f"--init_from {tmp_path}/sft/final" in commands[2] and f"--init_from {tmp_path}/sft/final" in commands[3]
+    assert f"--data_path {tmp_path}/pairs/pairs.jsonl" in commands[3] and "report_to" not in commands[2]
+    assert not list(tmp_path.iterdir())                                                          # nothing written
     r = pipeline("--dry_run", "--out_dir", str(tmp_path), "--dtype", "float32")
     commands = [line for line in r.stdout.splitlines() if ": python trainer/" in line]
-    assert len(commands) == 4 and all("--dtype float32" in c and "bfloat16" not in c for c in commands)
+    assert len(commands) == 5 and all("--dtype float32" in c and "bfloat16" not in c for c in commands)
+    assert not any("--seed" in c for c in commands)
+    r = pipeline("--dry_run", "--out_dir", str(tmp_path), "--seed", "7")
+    commands = [line for line in r.stdout.splitlines() if ": python trainer/" in line]
+    assert len(commands) == 5 and all("--seed 7" in c for c in commands)
 
 
 def test_bf16_stages_run_in_fp32_on_a_cpu_that_would_emulate_bf16():
@@ -109,3 +115,10 @@ def test_pipeline_errors_are_one_line(tmp_path):
     r = pipeline("--config", str(bad))
     assert r.returncode == 2 and "init_from 'pretrain' is not an earlier stage" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    bad.write_text("stages:\n  - name: pairs\n    script: trainer/make_pairs.py\n    output: pairs.jsonl\n"
+                   "  - name: dpo\n    script: trainer/train_dpo.py\n    init_from: pairs\n")
+    r = pipeline("--config", str(bad))
+    assert r.returncode == 2 and "init_from 'pairs' writes data, not a model" in r.stderr
+    bad.write_text("stages:\n  - name: dpo\n    script: trainer/train_dpo.py\n    data_from: sft\n")
+    r = pipeline("--config", str(bad))
+    assert r.returncode == 2 and "data_from 'sft' is not an earlier stage with an 'output'" in r.stderr

@@ -9,6 +9,9 @@ Commands, from the repository root after `pip install -r requirements.txt -e .`:
     # default does this by itself and says so: emulated bf16 would take hours)
     python trainer/pipeline.py --dtype float32 --out_dir out/pipeline-fp32
 
+    # the same path from another seed (every stage's data order, initialisation and sampling)
+    python trainer/pipeline.py --seed 7 --out_dir out/pipeline-seed7
+
     # some stages only (a stage whose output exists is skipped unless --force; later stages start from it)
     python trainer/pipeline.py --stages sft,dpo,grpo --force
 
@@ -22,8 +25,11 @@ held-out problems (OUT_DIR/eval/<stage>.json) and eval/compare.py prints them si
 frontier (OUT_DIR/eval/compare.json). The table of accuracies is also written to OUT_DIR/results.md.
 
 The stages and their flags live in one YAML (--config): `stages` in order, each with a `script`, its `args` (any
-flag of that script), and `init_from: <earlier stage>`; `evaluation` holds eval/evaluate.py's flags. The optional
-`tokenizer` stage (train_tokenizer.py) runs only with --train_tokenizer; otherwise the shipped tokenizer is used.
+flag of that script), and `init_from: <earlier stage>`; `evaluation` holds eval/evaluate.py's flags. A stage that
+makes data instead of a model (trainer/make_pairs.py) names its file, `output: pairs.jsonl`: it is done when that
+file exists and is not evaluated, and a later stage reads it with `data_from: <that stage>` (its --data_path). The
+optional `tokenizer` stage (train_tokenizer.py) runs only with --train_tokenizer; otherwise the shipped tokenizer is
+used.
 """
 
 import argparse
@@ -55,6 +61,9 @@ def parse_args(argv=None):
                         "bfloat16: use float32 on a CPU without native bf16)")
     p.add_argument("--nproc_per_node", type=int, default=1, help="processes per stage (torchrun when > 1)")
     p.add_argument("--force", action="store_true", help="rerun the chosen stages even when their output exists")
+    p.add_argument("--seed", type=int, default=None,
+                   help="--seed of every stage (data order, initialisation, sampling), in place of each script's own "
+                        "(42); the held-out problems do not change")
     p.add_argument("--train_tokenizer", action="store_true", help="train a tokenizer first instead of the shipped one")
     p.add_argument("--report_to", default="none", choices=["none", "wandb"], help="logging of every stage")
     p.add_argument("--dry_run", action="store_true", help="print the commands without running them")
@@ -65,7 +74,8 @@ def parse_args(argv=None):
 
 
 def load_config(path: str) -> dict:
-    """The pipeline YAML, checked: stages with a known script and args, init_from naming an earlier stage."""
+    """The pipeline YAML, checked: stages with a known script and args, init_from naming an earlier stage that
+    trains a model, data_from one that writes data (its `output`)."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: pipeline config not found")
     with open(path) as f:
@@ -75,7 +85,7 @@ def load_config(path: str) -> dict:
             raise UsageError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(config.get("stages"), list) or not config["stages"]:
         raise UsageError(f"{path}: key 'stages' must be a non-empty list")
-    names = []
+    names, outputs = [], {}
     for i, stage in enumerate(config["stages"]):
         where = f"{path}: stages[{i}]"
         if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or \
@@ -87,6 +97,14 @@ def load_config(path: str) -> dict:
             raise UsageError(f"{where}: 'args' must be a mapping of flags to values")
         if stage.get("init_from") is not None and stage["init_from"] not in names:
             raise UsageError(f"{where}: init_from {stage['init_from']!r} is not an earlier stage")
+        if stage.get("init_from") in outputs:
+            raise UsageError(f"{where}: init_from {stage['init_from']!r} writes data, not a model (data_from reads it)")
+        if stage.get("data_from") is not None and stage["data_from"] not in outputs:
+            raise UsageError(f"{where}: data_from {stage['data_from']!r} is not an earlier stage with an 'output'")
+        if stage.get("output") is not None:
+            if not isinstance(stage["output"], str) or not stage["output"]:
+                raise UsageError(f"{where}: 'output' must be the file name the stage writes into its directory")
+            outputs[stage["name"]] = stage["output"]
         names.append(stage["name"])
     if not isinstance(config.get("evaluation", {}), dict):
         raise UsageError(f"{path}: key 'evaluation' must be a mapping of eval/evaluate.py flags")
@@ -210,7 +228,8 @@ def main(argv=None) -> int:
     for number, stage in enumerate(all_stages, start=1):
         name = stage["name"]
         stage_dir = os.path.join(out_dir, name)
-        done = os.path.exists(os.path.join(stage_dir, "final" if name != "tokenizer" else "tokenizer.json"))
+        done = os.path.exists(os.path.join(stage_dir, stage.get("output") or
+                                           ("final" if name != "tokenizer" else "tokenizer.json")))
         if name not in chosen:
             continue
         if done and not args.force:
@@ -224,12 +243,19 @@ def main(argv=None) -> int:
         if name == "tokenizer":
             stage_args["out_dir"] = stage_dir
         else:
-            stage_args.update(out_dir=stage_dir, device=args.device, report_to=args.report_to)
+            stage_args.update(out_dir=stage_dir, device=args.device)
+            if args.seed is not None:
+                stage_args["seed"] = args.seed
+            if not stage.get("output"):                 # a data stage logs nothing to wandb
+                stage_args["report_to"] = args.report_to
             dtype = stage_dtype(stage_args.get("dtype"), args.dtype, args.device, native_bf16)
             if dtype:
                 stage_args["dtype"] = dtype
             if stage.get("init_from"):
                 stage_args["init_from"] = os.path.join(out_dir, stage["init_from"], "final")
+            if stage.get("data_from"):
+                source = next(s for s in all_stages if s["name"] == stage["data_from"])
+                stage_args["data_path"] = os.path.join(out_dir, source["name"], source["output"])
             elif tokenizer_dir:
                 stage_args["tokenizer"] = tokenizer_dir
         command += flags(stage_args)
@@ -241,8 +267,9 @@ def main(argv=None) -> int:
             print(f"[{number}/{len(all_stages)}] {name}: FAILED (exit status {status}) after {seconds:.0f}s; last lines "
                   f"of {stage_dir}/log.txt:\n{tail(os.path.join(stage_dir, 'log.txt'))}", file=sys.stderr)
             return 1
-        print(f"[{number}/{len(all_stages)}] {name}: done in {seconds / 60:.1f} min ({last_metrics(stage_dir)})",
-              flush=True)
+        summary = tail(os.path.join(stage_dir, "log.txt"), 2).strip().replace("\n", "; ") if stage.get("output") \
+            else last_metrics(stage_dir)
+        print(f"[{number}/{len(all_stages)}] {name}: done in {seconds / 60:.1f} min ({summary})", flush=True)
 
     # ---- evaluation of every stage's checkpoint, then the comparison ----
     trained = [s["name"] for s in all_stages if s["name"] != "tokenizer"
