@@ -23,7 +23,8 @@ from conftest import run_script, script_error
 
 from minitrain.dataset.embedded import ensure_embedded_data
 from minitrain.dataset.formats import normalize_preference
-from minitrain.dataset.preference import PreferenceDataset, collate_pairs
+from minitrain.dataset.jsonl import DataError
+from minitrain.dataset.preference import PreferenceDataset, collate_pairs, tokenize_pair
 from minitrain.model.checkpoint import load_model, load_tokenizer, save_checkpoint
 from minitrain.model.config import load_model_config
 from minitrain.model.lora import LoRAConfig, apply_lora
@@ -370,6 +371,24 @@ def test_two_ranks_give_the_losses_of_one_rank_with_twice_the_accumulation(train
     assert one[-1]["rewards/margins"] != 0.0                            # it trained: equal numbers are not constants
     margins = [json.loads(line) for line in open(tmp_path / "two" / "margins.jsonl")]
     assert len(margins) == 4 * 8                                        # every pair of both ranks, every step
+
+
+def test_make_pairs_leaves_out_answers_that_change_the_prompts_tokens(tokenizer):
+    """A sampled answer that starts with a space merges with the newline after the assistant header: the DPO reader
+    refuses such a pair (line 378 of a pipeline run's pairs did this), so make_pairs never picks that answer."""
+    prompt = [{"role": "user", "content": "What is 88 - 65?"}]
+    good, spaced = "<think>8-5=3,8-6=2,23</think>\n<answer>23</answer>", " <think>8-6=0,3</think>\n<answer>3</answer>"
+    assert make_pairs.keeps_the_prompt(tokenizer, prompt, good)
+    assert not make_pairs.keeps_the_prompt(tokenizer, prompt, spaced)
+    with pytest.raises(DataError, match="prompt's tokens change"):
+        tokenize_pair(tokenizer, {"prompt": prompt, "chosen": [{"role": "assistant", "content": good}],
+                                  "rejected": [{"role": "assistant", "content": spaced}]}, 128)
+    cfg = make_pairs.PairsConfig()
+    record = {"answers": [good, spaced, "<answer>5</answer>"], "finished": [True, True, True],
+              "keeps_prompt": [True, False, True], "scores": [1.0, 0.0, 0.0]}
+    assert make_pairs.select_pair(record, cfg) == (0, 2)                 # the spaced wrong answer is not rejected
+    record["keeps_prompt"] = [True, False, False]
+    assert make_pairs.select_pair(record, cfg) == "too_few_finished"
 
 
 @pytest.mark.slow

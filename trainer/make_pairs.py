@@ -20,7 +20,8 @@ Prompts come through the rlaif phase like every RL trainer's (config/data/rlaif/
 of {"prompt"} or {"messages"} with the fields the rewards read, e.g. "task" and "answer"); the training split of the
 prepared mixture is used. Each prompt is answered --samples_per_prompt times (sequences.sample_completions,
 --generation_batch_size at a time, sampled at --temperature / --top_k / --top_p); answers that run out of
---max_new_tokens before <|im_end|> are left out unless --keep_unfinished. The answers are scored with --reward_funcs /
+--max_new_tokens before <|im_end|> are left out unless --keep_unfinished, and so are answers whose text would change
+the prompt's tokens (one starting with a space; the DPO reader refuses them). The answers are scored with --reward_funcs /
 --reward_weights (trainer/rewards.py: exact_answer, format, tiered, length_penalty, or module:function). The
 highest-scoring answer becomes `chosen`, the lowest `rejected` (the first of equals); a prompt whose answers all score
 within --min_score_gap of each other teaches nothing and is skipped (counted).
@@ -118,9 +119,19 @@ def best_and_worst(scores: list[float]) -> tuple[int, int]:
     return scores.index(max(scores)), scores.index(min(scores))
 
 
+def keeps_the_prompt(tokenizer, messages: list[dict], answer: str) -> bool:
+    """Whether the answer, written as text after the prompt, leaves the prompt's tokens as they are. A sampled answer
+    that starts with a space merges with the newline before it, and the DPO reader refuses such a pair
+    (dataset/preference.py, tokenize_pair); those answers are left out, as unfinished ones are."""
+    prompt = tokenizer.chat_prompt_ids(messages)
+    ids, _ = tokenizer.render_chat(messages + [{"role": "assistant", "content": answer}])
+    return ids[:len(prompt)] == prompt
+
+
 def make_pairs(prompts: PromptDataset, indices: list[int], model, tokenizer, reward, cfg: PairsConfig, amp,
                generator: torch.Generator) -> list[dict]:
-    """One record per prompt of `indices`: its k answers, whether each finished, and their scores."""
+    """One record per prompt of `indices`: its k answers, whether each finished, whether each keeps the prompt's
+    tokens (keeps_the_prompt), and their scores."""
     k = cfg.samples_per_prompt
     jobs = [i for i in indices for _ in range(k)]                  # each prompt k times, side by side
     with amp:
@@ -129,13 +140,16 @@ def make_pairs(prompts: PromptDataset, indices: list[int], model, tokenizer, rew
                                            generator=generator, top_k=cfg.top_k, top_p=cfg.top_p)
     completions, finished = [tokenizer.decode(c) for c in out.completions], out.finished
     scores, _ = reward([prompts.text(i) for i in jobs], completions, prompts.columns(jobs)) if jobs else ([], {})
+    keeps = [keeps_the_prompt(tokenizer, prompts[i]["messages"], text) for i, text in zip(jobs, completions)]
     return [{"i": i, "answers": completions[n * k:(n + 1) * k], "finished": finished[n * k:(n + 1) * k],
-             "scores": scores[n * k:(n + 1) * k]} for n, i in enumerate(indices)]
+             "keeps_prompt": keeps[n * k:(n + 1) * k], "scores": scores[n * k:(n + 1) * k]}
+            for n, i in enumerate(indices)]
 
 
 def select_pair(record: dict, cfg: PairsConfig) -> tuple[int, int] | str:
     """(chosen, rejected) positions among a prompt's answers, or why the prompt is skipped."""
-    usable = [j for j, done in enumerate(record["finished"]) if done or cfg.keep_unfinished]
+    usable = [j for j, done in enumerate(record["finished"])
+              if (done or cfg.keep_unfinished) and record["keeps_prompt"][j]]
     if len(usable) < 2:
         return "too_few_finished"
     scores = [record["scores"][j] for j in usable]
@@ -201,6 +215,7 @@ def write_outputs(records: list[dict], prompts: PromptDataset, cfg: PairsConfig,
         "counts": {"prompts": len(records), "prompts_dropped_too_long": prompts.dropped,
                    "answers": sum(len(r["answers"]) for r in records),
                    "unfinished_answers": sum(not f for r in records for f in r["finished"]),
+                   "answers_changing_the_prompt": sum(not f for r in records for f in r["keeps_prompt"]),
                    "skipped_alike": skipped["alike"], "skipped_too_few_finished": skipped["too_few_finished"],
                    "pairs": len(rows)},
         "score_spread": {"mean_score": mean(all_scores), "std_score": spread(all_scores),
@@ -212,7 +227,8 @@ def write_outputs(records: list[dict], prompts: PromptDataset, cfg: PairsConfig,
     write_atomic(os.path.join(cfg.out_dir, "manifest.json"), (json.dumps(manifest, indent=1) + "\n").encode())
     c = manifest["counts"]
     print0(f"pairs: {c['pairs']:,} of {c['prompts']:,} prompts ({c['skipped_alike']:,} skipped: answers scored alike; "
-           f"{c['skipped_too_few_finished']:,}: fewer than 2 finished answers), mean score gap "
+           f"{c['skipped_too_few_finished']:,}: fewer than 2 usable answers; {c['answers_changing_the_prompt']:,} "
+           f"answers left out: they change the prompt's tokens), mean score gap "
            f"{manifest['score_spread']['mean_gap'] or 0:.3f}, {seconds:.0f}s")
     if not rows:
         print0("warning: no pair written (every prompt's answers scored alike): raise --samples_per_prompt or "
