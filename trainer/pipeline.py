@@ -1,4 +1,5 @@
-"""The whole path in one command: tokenizer, pretraining, SFT, DPO and GRPO, then evaluation of every stage.
+"""The whole path in one command: tokenizer, pretraining, SFT, preference pairs from the SFT model, DPO and GRPO,
+then evaluation of every stage.
 
 Commands, from the repository root after `pip install -r requirements.txt -e .`:
 
