@@ -258,15 +258,15 @@ def load_shards(model: nn.Module, device: torch.device, values: dict[str, torch.
             tensors.update({name: (file, handle) for name in handle.keys()})
         for name, param in root.named_parameters():
             first, end = my_rows(param)
-            if name not in tensors and ".base_layer." in name:      # a LoRA layer's frozen base: the file's name
-                name = name.replace(".base_layer.", ".")
+            in_file = name.replace(".base_layer.", ".")              # a LoRA layer's frozen base: the file's name
+            in_file = name if name in tensors else in_file
             if name in pending:
                 rows = pending[name][first:end]
-            elif name in tensors:
-                file, handle = tensors[name]
-                whole = handle.get_slice(name)
+            elif in_file in tensors:
+                file, handle = tensors[in_file]
+                whole = handle.get_slice(in_file)
                 if tuple(whole.get_shape()) != tuple(param.shape):
-                    raise ConfigError(f"{file}: tensor '{name}' has shape {tuple(whole.get_shape())}, the model "
+                    raise ConfigError(f"{file}: tensor '{in_file}' has shape {tuple(whole.get_shape())}, the model "
                                       f"needs {tuple(param.shape)}")
                 rows = whole[first:end]
             elif name in values:
