@@ -42,8 +42,9 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def script_env() -> dict:
-    """The environment the tests run training scripts in: one thread per process, wandb off."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    """The environment the tests run training scripts in: one thread per process, wandb off, and Python's fault
+    handler on, so that a crash (a segfault in a rank) prints each thread's Python stack into the failure."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONFAULTHANDLER": "1"}
 
 
 def run_script(script: str, *args: str, ranks: int = 1, timeout: int = 600,
