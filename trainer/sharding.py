@@ -258,8 +258,7 @@ def load_shards(model: nn.Module, device: torch.device, values: dict[str, torch.
             tensors.update({name: (file, handle) for name in handle.keys()})
         for name, param in root.named_parameters():
             first, end = my_rows(param)
-            in_file = name.replace(".base_layer.", ".")              # a LoRA layer's frozen base: the file's name
-            in_file = name if name in tensors else in_file
+            in_file = name if name in tensors else name.replace(".base_layer.", ".")   # a LoRA base: the file's name
             if name in pending:
                 rows = pending[name][first:end]
             elif in_file in tensors:
