@@ -23,6 +23,8 @@ Files (one JSON object per line):
                                rejected = a near miss in the same format (scores 0.0).
     rlaif.jsonl     {"prompt", "answer", "task", "id", "meta"}  prompts with verifiable answers:
                                eval.tasks.score_row(row, completion) scores a completion.
+    rlaif_level4.jsonl  the same rows, arithmetic of level 4 only (none also in rlaif.jsonl): the pairs stage's
+                               prompts at the level where the pipeline's SFT model is weakest.
     manifest.json   version, Python version, row counts, sizes and sha256 of each file, the options used.
 
 Every task problem comes from a training seed (eval.tasks.training_seed), so none of them is a held-out
@@ -50,7 +52,7 @@ from dataclasses import dataclass, field, fields
 # The task generators and the chat renderer are imported where they are used.
 
 EMBEDDED_VERSION = 5
-FILES = ("pretrain", "midtrain", "sft", "dpo", "rlaif")
+FILES = ("pretrain", "midtrain", "sft", "dpo", "rlaif", "rlaif_level4")
 
 # Standard-library modules whose docstrings form the documentation corpus: pure imports without side effects (no
 # windows, terminals, network or output on import). A module that fails to import or warns on import is skipped.
@@ -90,6 +92,8 @@ class EmbeddedConfig:
     sft_chat_rows: int = field(default=400, metadata={"help": "sft.jsonl: questions about documented functions"})
     dpo_rows: int = field(default=2000, metadata={"help": "dpo.jsonl: preference pairs"})
     rlaif_rows: int = field(default=2000, metadata={"help": "rlaif.jsonl: prompts with verifiable answers"})
+    rlaif_level4_rows: int = field(default=1500, metadata={
+        "help": "rlaif_level4.jsonl: more arithmetic prompts of level 4, the hardest, none also in rlaif.jsonl"})
 
     def __post_init__(self):
         for f in fields(self):
@@ -105,9 +109,10 @@ FILE_OPTIONS = {
     "sft": ("sft_task_rows", "sft_chat_rows"),
     "dpo": ("dpo_rows",),
     "rlaif": ("rlaif_rows",),
+    "rlaif_level4": ("rlaif_rows", "rlaif_level4_rows"),     # it leaves out rlaif.jsonl's prompts
 }
 # The training seed index of each file: the files draw different problems from the training partition.
-FILE_SEEDS = {"pretrain": 0, "midtrain": 1, "sft": 2, "dpo": 3, "rlaif": 4}
+FILE_SEEDS = {"pretrain": 0, "midtrain": 1, "sft": 2, "dpo": 3, "rlaif": 4, "rlaif_level4": 5}
 
 # Task mixtures: (task spec, weight). Arithmetic dominates; every level appears (level 0 draws 1-4).
 TASK_MIX = (("arithmetic", 0.40), ("arithmetic:level=1", 0.10), ("arithmetic:level=2", 0.10),
@@ -378,6 +383,20 @@ def rlaif_rows(cfg: EmbeddedConfig) -> list[dict]:
             for _task, p in task_stream("rlaif", cfg.rlaif_rows)]
 
 
+def rlaif_level4_rows(cfg: EmbeddedConfig) -> list[dict]:
+    """Distinct level-4 arithmetic prompts from their own training seed, in rlaif.jsonl's row format, leaving out
+    the prompts rlaif.jsonl already holds. rlaif.jsonl has about 300 level-4 prompts; the pipeline's pairs stage
+    samples answers to these too, since level 4 is where the SFT model has the most to learn (README "Results")."""
+    from minitrain.eval.tasks import get_task, training_seed
+    seen = {p.question for _task, p in task_stream("rlaif", cfg.rlaif_rows)}
+    task, rows = get_task("arithmetic:level=4"), []
+    for p in task.make_problems(2 * cfg.rlaif_level4_rows, training_seed(FILE_SEEDS["rlaif_level4"])):
+        if len(rows) < cfg.rlaif_level4_rows and p.question not in seen:
+            seen.add(p.question)
+            rows.append({"prompt": p.question, "answer": p.answer, "task": p.task, "id": p.id, "meta": p.meta})
+    return rows
+
+
 def build_rows(name: str, cfg: EmbeddedConfig, docs_cache: list) -> list[dict]:
     if name in ("pretrain", "midtrain", "sft") and not docs_cache:
         docs_cache.extend(documentation())
@@ -389,7 +408,9 @@ def build_rows(name: str, cfg: EmbeddedConfig, docs_cache: list) -> list[dict]:
         return sft_rows(cfg, docs_cache)
     if name == "dpo":
         return dpo_rows(cfg)
-    return rlaif_rows(cfg)
+    if name == "rlaif":
+        return rlaif_rows(cfg)
+    return rlaif_level4_rows(cfg)
 
 
 # =============================================================================================================
