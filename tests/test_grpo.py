@@ -16,7 +16,7 @@ from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer.distributed import mean_var_over_ranks
 from minitrain.trainer.sequences import gather_logprobs, pack_sequences, rollout, sample_completions
-from minitrain.trainer.train_grpo import aggregate_loss, group_advantages, k3_kl
+from minitrain.trainer.train_grpo import aggregate_loss, group_advantages, k3_kl, weight_negative_advantages
 from minitrain.trainer.train_ppo import clipped_surrogate
 
 
@@ -29,6 +29,15 @@ def test_group_advantages_under_each_scaling():
     assert torch.all(group_advantages(rewards, 4, "group")[4:8] == 0)                     # equal rewards: no signal
     assert torch.allclose(group_advantages(rewards, 4, "batch"), (rewards - mean) / (rewards.std() + 1e-4))
     assert torch.allclose(group_advantages(rewards, 4, "batch", batch_std=2.0), (rewards - mean) / (2.0 + 1e-4))
+
+
+def test_negative_advantages_are_weighted_and_positive_ones_kept():
+    A = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.1, 1.0, 0.1, 0.0]), 4, "none")    # 2 groups of 4
+    assert torch.allclose(A, torch.tensor([0.75, -0.25, -0.25, -0.25, 0.55, 0.45, -0.45, -0.55]))
+    assert torch.equal(weight_negative_advantages(A, 1.0), A)                                    # GRPO
+    assert torch.allclose(weight_negative_advantages(A, 0.0), torch.tensor([0.75, 0, 0, 0, 0.55, 0.45, 0, 0]))
+    assert torch.allclose(weight_negative_advantages(A, 0.2),
+                          torch.tensor([0.75, -0.05, -0.05, -0.05, 0.55, 0.45, -0.09, -0.11]))
 
 
 def test_batch_scaled_advantages_do_not_move_when_every_reward_shifts():

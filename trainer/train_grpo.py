@@ -102,6 +102,9 @@ class GRPOConfig(TrainConfig):
                                                         "model is held"})
     loss_type: str = field(default="dapo", metadata={"help": "loss aggregation (see aggregate_loss)",
                                                      "choices": list(LOSS_TYPES)})
+    negative_advantage_weight: float = field(default=1.0, metadata={
+        "help": "multiplies the negative advantages (completions worse than their group): 1 = GRPO, 0 = only the "
+                "better ones are reinforced (see weight_negative_advantages)"})
     num_iterations: int = field(default=1, metadata={"help": "optimizer steps on each rollout batch (mu)"})
     filter_zero_std_groups: bool = field(default=False, metadata={
         "help": "dynamic sampling: replace groups whose rewards are all equal by fresh prompts"})
@@ -121,6 +124,8 @@ class GRPOConfig(TrainConfig):
             raise FlagError("epsilon_high", f"must not be negative, got {self.epsilon_high}")
         if self.beta < 0:
             raise FlagError("beta", f"must not be negative, got {self.beta}")
+        if not 0 <= self.negative_advantage_weight <= 1:
+            raise FlagError("negative_advantage_weight", f"must be in [0, 1], got {self.negative_advantage_weight}")
         check_reward_flags(self)
 
 
@@ -146,6 +151,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, batch_s
             batch_std = distributed.mean_var_over_ranks(rewards, correction=1)[1].sqrt().item()
         centred = centred / (batch_std + eps)
     return centred.reshape(-1)
+
+
+def weight_negative_advantages(advantages: torch.Tensor, weight: float) -> torch.Tensor:
+    """A_i where A_i >= 0, weight * A_i where A_i < 0. Zhu et al. 2025 (arXiv 2506.01347) split the policy gradient
+    into positive and negative sample reinforcement; weight 0 keeps the positive part alone (the completions that
+    beat their group, like fine-tuning on the model's own right answers). The mini model needs it: pushing down its
+    wrong arithmetic also pushes down the digit facts its right answers share (README "Results")."""
+    return torch.where(advantages < 0, weight * advantages, advantages)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -392,7 +405,8 @@ def train(cfg: GRPOConfig) -> None:
 
         # ---- 2. advantages ----
         rewards = torch.tensor([r for g in batch for r in g.rewards], device=dist.device)           # [target * G]
-        advantages = group_advantages(rewards, G, cfg.scale_rewards)
+        advantages = weight_negative_advantages(group_advantages(rewards, G, cfg.scale_rewards),
+                                                cfg.negative_advantage_weight)
 
         # ---- 3. micro-batches with the old and reference log-probs, then num_iterations optimizer steps ----
         micro_batches = make_micro_batches(batch, advantages, prompts, train_model, reference, cfg, tokenizer.pad_id,
