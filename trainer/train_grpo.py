@@ -27,7 +27,8 @@ Commands, from the repository root after `pip install -e .` (and an SFT run in o
   loop        rollout     G = --num_generations completions per prompt (roll_out_groups), sampled at the scheduled
                           temperature, scored by the reward functions (trainer/rewards.py) and/or --reward_model
               advantages  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4) with --scale_rewards group; the std of
-                          all ranks' rewards with batch; no division with none (group_advantages)
+                          all ranks' rewards with batch; no division with none (group_advantages); the negative
+                          ones times --negative_advantage_weight (weight_negative_advantages)
               update      --num_iterations optimizer steps on the batch (grpo_update); per completion token, with
                           ratio = pi / pi_old (1 with one iteration: only its gradient matters),
                   loss_t = -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_k3(pi || pi_ref)
