@@ -16,7 +16,8 @@ from minitrain.model.config import load_model_config
 from minitrain.model.transformer import CausalLM
 from minitrain.trainer.distributed import mean_var_over_ranks
 from minitrain.trainer.sequences import gather_logprobs, pack_sequences, rollout, sample_completions
-from minitrain.trainer.train_grpo import aggregate_loss, group_advantages, k3_kl, weight_negative_advantages
+from minitrain.trainer.configuration import FlagError
+from minitrain.trainer.train_grpo import GRPOConfig, aggregate_loss, group_advantages, k3_kl, weight_negative_advantages
 from minitrain.trainer.train_ppo import clipped_surrogate
 
 
@@ -38,6 +39,8 @@ def test_negative_advantages_are_weighted_and_positive_ones_kept():
     assert torch.allclose(weight_negative_advantages(A, 0.0), torch.tensor([0.75, 0, 0, 0, 0.55, 0.45, 0, 0]))
     assert torch.allclose(weight_negative_advantages(A, 0.2),
                           torch.tensor([0.75, -0.05, -0.05, -0.05, 0.55, 0.45, -0.09, -0.11]))
+    with pytest.raises(FlagError, match="negative_advantage_weight"):
+        GRPOConfig(negative_advantage_weight=1.5).validate()
 
 
 def test_batch_scaled_advantages_do_not_move_when_every_reward_shifts():
