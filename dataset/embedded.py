@@ -378,9 +378,12 @@ def dpo_rows(cfg: EmbeddedConfig) -> list[dict]:
             for task, p in task_stream("dpo", cfg.dpo_rows)]
 
 
+def rlaif_row(p) -> dict:
+    return {"prompt": p.question, "answer": p.answer, "task": p.task, "id": p.id, "meta": p.meta}
+
+
 def rlaif_rows(cfg: EmbeddedConfig) -> list[dict]:
-    return [{"prompt": p.question, "answer": p.answer, "task": p.task, "id": p.id, "meta": p.meta}
-            for _task, p in task_stream("rlaif", cfg.rlaif_rows)]
+    return [rlaif_row(p) for _task, p in task_stream("rlaif", cfg.rlaif_rows)]
 
 
 def rlaif_level4_rows(cfg: EmbeddedConfig) -> list[dict]:
@@ -393,7 +396,7 @@ def rlaif_level4_rows(cfg: EmbeddedConfig) -> list[dict]:
     for p in task.make_problems(2 * cfg.rlaif_level4_rows, training_seed(FILE_SEEDS["rlaif_level4"])):
         if len(rows) < cfg.rlaif_level4_rows and p.question not in seen:
             seen.add(p.question)
-            rows.append({"prompt": p.question, "answer": p.answer, "task": p.task, "id": p.id, "meta": p.meta})
+            rows.append(rlaif_row(p))
     return rows
 
 
