@@ -25,6 +25,7 @@ Files (one JSON object per line):
                                eval.tasks.score_row(row, completion) scores a completion.
     rlaif_level4.jsonl  the same rows, arithmetic of level 4 only (none also in rlaif.jsonl): the pairs stage's
                                prompts at the level where the pipeline's SFT model is weakest.
+    rlaif_level2.jsonl  the same, arithmetic of level 2 only: the pairs that hold level 2 while level 4 is trained.
     manifest.json   version, Python version, row counts, sizes and sha256 of each file, the options used.
 
 Every task problem comes from a training seed (eval.tasks.training_seed), so none of them is a held-out
@@ -52,7 +53,7 @@ from dataclasses import dataclass, field, fields
 # The task generators and the chat renderer are imported where they are used.
 
 EMBEDDED_VERSION = 5
-FILES = ("pretrain", "midtrain", "sft", "dpo", "rlaif", "rlaif_level4")
+FILES = ("pretrain", "midtrain", "sft", "dpo", "rlaif", "rlaif_level4", "rlaif_level2")
 
 # Standard-library modules whose docstrings form the documentation corpus: pure imports without side effects (no
 # windows, terminals, network or output on import). A module that fails to import or warns on import is skipped.
@@ -94,6 +95,9 @@ class EmbeddedConfig:
     rlaif_rows: int = field(default=2000, metadata={"help": "rlaif.jsonl: prompts with verifiable answers"})
     rlaif_level4_rows: int = field(default=1500, metadata={
         "help": "rlaif_level4.jsonl: more arithmetic prompts of level 4, the hardest, none also in rlaif.jsonl"})
+    rlaif_level2_rows: int = field(default=2000, metadata={
+        "help": "rlaif_level2.jsonl: more arithmetic prompts of level 2 (two-digit sums and differences), none also "
+                "in rlaif.jsonl"})
 
     def __post_init__(self):
         for f in fields(self):
@@ -109,10 +113,13 @@ FILE_OPTIONS = {
     "sft": ("sft_task_rows", "sft_chat_rows"),
     "dpo": ("dpo_rows",),
     "rlaif": ("rlaif_rows",),
-    "rlaif_level4": ("rlaif_rows", "rlaif_level4_rows"),     # it leaves out rlaif.jsonl's prompts
+    "rlaif_level4": ("rlaif_rows", "rlaif_level4_rows"),     # they leave out rlaif.jsonl's prompts
+    "rlaif_level2": ("rlaif_rows", "rlaif_level2_rows"),
 }
 # The training seed index of each file: the files draw different problems from the training partition.
-FILE_SEEDS = {"pretrain": 0, "midtrain": 1, "sft": 2, "dpo": 3, "rlaif": 4, "rlaif_level4": 5}
+FILE_SEEDS = {"pretrain": 0, "midtrain": 1, "sft": 2, "dpo": 3, "rlaif": 4, "rlaif_level4": 5, "rlaif_level2": 6}
+# The files of one arithmetic level each, and their level.
+RLAIF_LEVEL_FILES = {"rlaif_level4": 4, "rlaif_level2": 2}
 
 # Task mixtures: (task spec, weight). Arithmetic dominates; every level appears (level 0 draws 1-4).
 TASK_MIX = (("arithmetic", 0.40), ("arithmetic:level=1", 0.10), ("arithmetic:level=2", 0.10),
@@ -386,17 +393,23 @@ def rlaif_rows(cfg: EmbeddedConfig) -> list[dict]:
     return [rlaif_row(p) for _task, p in task_stream("rlaif", cfg.rlaif_rows)]
 
 
-def rlaif_level4_rows(cfg: EmbeddedConfig) -> list[dict]:
-    """Distinct level-4 arithmetic prompts from their own training seed, in rlaif.jsonl's row format, leaving out
-    the prompts rlaif.jsonl already holds. rlaif.jsonl has about 300 level-4 prompts; the pipeline's pairs stage
-    samples answers to these too, since level 4 is where the SFT model has the most to learn (README "Results")."""
+def rlaif_level_rows(cfg: EmbeddedConfig, name: str) -> list[dict]:
+    """The rows of rlaif_level4.jsonl or rlaif_level2.jsonl: distinct arithmetic prompts of one level from the
+    file's own training seed, in rlaif.jsonl's row format, leaving out the prompts rlaif.jsonl already holds.
+    rlaif.jsonl has about 300 prompts of each level; the pipeline's pairs stage samples answers to these too: level
+    4 is where the SFT model has the most to learn, and the level-2 pairs hold level 2 while it does (README
+    "Results")."""
     from minitrain.eval.tasks import get_task, training_seed
+    level, count = RLAIF_LEVEL_FILES[name], getattr(cfg, f"{name}_rows")
     seen = {p.question for _task, p in task_stream("rlaif", cfg.rlaif_rows)}
-    task, rows = get_task("arithmetic:level=4"), []
-    for p in task.make_problems(2 * cfg.rlaif_level4_rows, training_seed(FILE_SEEDS["rlaif_level4"])):
-        if len(rows) < cfg.rlaif_level4_rows and p.question not in seen:
+    task, rows = get_task(f"arithmetic:level={level}"), []
+    for p in task.make_problems(4 * count, training_seed(FILE_SEEDS[name])):
+        if len(rows) < count and p.question not in seen:
             seen.add(p.question)
             rows.append(rlaif_row(p))
+    if len(rows) < count:
+        raise ValueError(f"EmbeddedConfig.{name}_rows: only {len(rows)} distinct level-{level} training prompts "
+                         f"found, {count} asked for")
     return rows
 
 
@@ -413,7 +426,7 @@ def build_rows(name: str, cfg: EmbeddedConfig, docs_cache: list) -> list[dict]:
         return dpo_rows(cfg)
     if name == "rlaif":
         return rlaif_rows(cfg)
-    return rlaif_level4_rows(cfg)
+    return rlaif_level_rows(cfg, name)
 
 
 # =============================================================================================================

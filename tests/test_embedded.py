@@ -19,7 +19,8 @@ from minitrain.eval.tasks import Problem, extract_answer, get_task, score_row
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = EmbeddedConfig(pretrain_task_docs=20, midtrain_rows=30, midtrain_doc_rows=10, sft_task_rows=40,
-                       sft_chat_rows=10, dpo_rows=30, rlaif_rows=30, rlaif_level4_rows=5)
+                       sft_chat_rows=10, dpo_rows=30, rlaif_rows=30, rlaif_level4_rows=5,
+                       rlaif_level2_rows=5)
 pytestmark = pytest.mark.slow   # every test builds the embedded data, which starts a subprocess
 
 
@@ -128,13 +129,14 @@ def test_rlaif_rows_are_verifiable(default_data):
         assert score_row(row, f"<think>.</think>\n<answer>{row['answer']}</answer>") == 1.0
         assert score_row(row, "<answer>not it</answer>") == 0.0
     assert sum(r["task"].startswith("arithmetic") for r in rows) > len(rows) / 2
-    level4 = read_rows(default_data["rlaif_level4"])
-    assert len(level4) == 1500 and {r["task"] for r in level4} == {"arithmetic:level=4"}
-    prompts = [r["prompt"] for r in level4]
-    assert len(set(prompts)) == 1500 and not set(prompts) & {r["prompt"] for r in rows}     # distinct, none in rlaif
-    for row in level4[:100]:
-        assert set(row) == {"prompt", "answer", "task", "id", "meta"} and row["meta"]["level"] == 4
-        assert score_row(row, f"<think>.</think>\n<answer>{row['answer']}</answer>") == 1.0
+    for name, level, count in (("rlaif_level4", 4, 1500), ("rlaif_level2", 2, 2000)):
+        level_rows = read_rows(default_data[name])
+        assert len(level_rows) == count and {r["task"] for r in level_rows} == {f"arithmetic:level={level}"}
+        prompts = [r["prompt"] for r in level_rows]
+        assert len(set(prompts)) == count and not set(prompts) & {r["prompt"] for r in rows}   # distinct, none in rlaif
+        for row in level_rows[:100]:
+            assert set(row) == {"prompt", "answer", "task", "id", "meta"} and row["meta"]["level"] == level
+            assert score_row(row, f"<think>.</think>\n<answer>{row['answer']}</answer>") == 1.0
 
 
 def test_only_missing_or_stale_files_are_rebuilt(tmp_path):
@@ -148,7 +150,8 @@ def test_only_missing_or_stale_files_are_rebuilt(tmp_path):
     changed = EmbeddedConfig(**{**vars(SMALL), "rlaif_rows": 31})
     ensure_embedded_data(str(root), changed)
     rebuilt = {name for name, path in paths.items() if os.stat(path).st_mtime_ns != stamps[name]}
-    assert rebuilt == {"dpo", "rlaif", "rlaif_level4"} and len(read_rows(paths["rlaif"])) == 31   # it avoids rlaif's
+    assert rebuilt == {"dpo", "rlaif", "rlaif_level4", "rlaif_level2"}      # the level files avoid rlaif's prompts
+    assert len(read_rows(paths["rlaif"])) == 31
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["files"]["rlaif"]["rows"] == 31 and manifest["files"]["dpo"]["rows"] == 30
     assert not [p for p in os.listdir(root) if p.endswith(".tmp")]                  # no temporary files left

@@ -294,7 +294,7 @@ def test_no_held_out_problem_in_the_embedded_training_data(embedded):
     for row in rows["sft"]:
         trained |= {m["content"] for m in row["messages"] if m["role"] == "user"}
     trained |= {row["prompt"] for row in rows["dpo"]} | {row["prompt"] for row in rows["rlaif"]}
-    trained |= {row["prompt"] for row in rows["rlaif_level4"]}
+    trained |= {row["prompt"] for row in rows["rlaif_level4"]} | {row["prompt"] for row in rows["rlaif_level2"]}
     texts = "\n".join(row["text"] for row in rows["pretrain"] + rows["midtrain"])
     text_lines = set(texts.split("\n"))                                             # statements are whole lines
     text_questions = set(re.findall(r"Question: (.*?)\nAnswer: ", texts, re.S))    # worked examples
