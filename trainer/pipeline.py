@@ -3,7 +3,7 @@ then evaluation of every stage.
 
 Commands, from the repository root after `pip install -r requirements.txt -e .`:
 
-    # the default (config/pipeline/default.yaml): the mini model on the embedded data, CPU, about 20 minutes in fp32
+    # the default (config/pipeline/default.yaml): the mini model on the embedded data, CPU, about 18 minutes in fp32
     python trainer/pipeline.py
 
     # the same in fp32 (on a CPU without native bfloat16, no avx512_bf16 or AMX in /proc/cpuinfo's flags, the
