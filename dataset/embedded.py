@@ -25,7 +25,8 @@ Files (one JSON object per line):
                                eval.tasks.score_row(row, completion) scores a completion.
     rlaif_level4.jsonl  the same rows, arithmetic of level 4 only (none also in rlaif.jsonl): the pairs stage's
                                prompts at the level where the pipeline's SFT model is weakest.
-    rlaif_level2.jsonl  the same, arithmetic of level 2 only: the pairs that hold level 2 while level 4 is trained.
+    rlaif_level2.jsonl  the same, arithmetic of level 2 only: the pairs stage's prompts that hold level 2 while
+                               level 4 is trained, and the GRPO stage's fresh prompts.
     manifest.json   version, Python version, row counts, sizes and sha256 of each file, the options used.
 
 Every task problem comes from a training seed (eval.tasks.training_seed), so none of them is a held-out
